@@ -1,0 +1,146 @@
+// bias_gelu inner loops: y = gelu(x + b) over rows, in one pass, math in float32.
+// Compiled once per ISA (setup.py); declarations in bias_gelu.h.
+#include "cpu/vec/bias_gelu.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include "cpu/vec/gelu.h"
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+
+namespace mmfast::cpu::CPU_CAPABILITY {
+
+namespace {
+
+using at::vec::Vectorized;
+
+// Rows are walked in chunks of two float vectors: a half type's Vectorized<T> holds exactly
+// that many elements, so each chunk is one load of T widened to (lo, hi).
+constexpr int64_t kChunk = 2 * fVec::size();
+
+template <typename F>
+inline void for_each_chunk(int64_t cols, F&& f) {
+  for (int64_t c = 0; c < cols; c += kChunk) f(c, std::min<int64_t>(kChunk, cols - c));
+}
+
+template <typename T>
+inline void load2(const T* p, int64_t n, fVec& lo, fVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t W = fVec::size();
+    if (n == kChunk) {
+      lo = fVec::loadu(p);
+      hi = fVec::loadu(p + W);
+    } else {
+      lo = fVec::loadu(p, std::min<int64_t>(n, W));
+      hi = n > W ? fVec::loadu(p + W, n - W) : fVec(0.0f);
+    }
+  } else {
+    auto v = n == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
+    std::tie(lo, hi) = at::vec::convert_to_float<T>(v);
+  }
+}
+
+template <typename T>
+inline void store2(T* p, int64_t n, const fVec& lo, const fVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    constexpr int64_t W = fVec::size();
+    lo.store(p, std::min<int64_t>(n, W));
+    if (n > W) hi.store(p + W, n - W);
+  } else {
+    auto v = at::vec::convert_from_float<T>(lo, hi);
+    if (n == Vectorized<T>::size()) v.store(p); else v.store(p, n);
+  }
+}
+
+// bias_partial[c .. c+n) += lo, hi (float32 partial sums of the bias gradient)
+inline void accumulate2(float* p, int64_t n, const fVec& lo, const fVec& hi) {
+  constexpr int64_t W = fVec::size();
+  const int64_t n0 = std::min<int64_t>(n, W);
+  (fVec::loadu(p, n0) + lo).store(p, n0);
+  if (n > W) (fVec::loadu(p + W, n - W) + hi).store(p + W, n - W);
+}
+
+template <typename T>
+void forward_rows(const T* x, const T* bias, T* out, int64_t r0, int64_t r1, int64_t cols,
+                  bool tanh_form) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * cols;
+    T* yr = out + r * cols;
+    for_each_chunk(cols, [&](int64_t c, int64_t n) {
+      fVec x0, x1, b0, b1;
+      load2(xr + c, n, x0, x1);
+      load2(bias + c, n, b0, b1);
+      store2(yr + c, n, gelu(x0 + b0, tanh_form), gelu(x1 + b1, tanh_form));
+    });
+  }
+}
+
+template <typename T>
+void backward_rows(const T* grad, const T* x, const T* bias, T* grad_x, float* bias_partial,
+                   int64_t r0, int64_t r1, int64_t cols, bool tanh_form) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * cols;
+    const T* gr = grad + r * cols;
+    T* dxr = grad_x + r * cols;
+    for_each_chunk(cols, [&](int64_t c, int64_t n) {
+      fVec x0, x1, b0, b1, g0, g1;
+      load2(xr + c, n, x0, x1);
+      load2(bias + c, n, b0, b1);
+      load2(gr + c, n, g0, g1);
+      const fVec d0 = g0 * dgelu(x0 + b0, tanh_form);
+      const fVec d1 = g1 * dgelu(x1 + b1, tanh_form);
+      store2(dxr + c, n, d0, d1);
+      if (bias_partial != nullptr) accumulate2(bias_partial + c, n, d0, d1);
+    });
+  }
+}
+
+}  // namespace
+
+void bias_gelu_rows(c10::ScalarType dtype, const void* x, const void* bias, void* out,
+                    int64_t row_begin, int64_t row_end, int64_t cols, bool tanh_form) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return forward_rows(static_cast<const float*>(x), static_cast<const float*>(bias),
+                          static_cast<float*>(out), row_begin, row_end, cols, tanh_form);
+    case c10::ScalarType::Half:
+      return forward_rows(static_cast<const c10::Half*>(x), static_cast<const c10::Half*>(bias),
+                          static_cast<c10::Half*>(out), row_begin, row_end, cols, tanh_form);
+    case c10::ScalarType::BFloat16:
+      return forward_rows(static_cast<const c10::BFloat16*>(x),
+                          static_cast<const c10::BFloat16*>(bias),
+                          static_cast<c10::BFloat16*>(out), row_begin, row_end, cols, tanh_form);
+    default:
+      return;  // dtype is checked by the caller
+  }
+}
+
+void bias_gelu_backward_rows(c10::ScalarType dtype, const void* grad, const void* x,
+                             const void* bias, void* grad_x, float* bias_partial,
+                             int64_t row_begin, int64_t row_end, int64_t cols, bool tanh_form) {
+  switch (dtype) {
+    case c10::ScalarType::Float:
+      return backward_rows(static_cast<const float*>(grad), static_cast<const float*>(x),
+                           static_cast<const float*>(bias), static_cast<float*>(grad_x),
+                           bias_partial, row_begin, row_end, cols, tanh_form);
+    case c10::ScalarType::Half:
+      return backward_rows(static_cast<const c10::Half*>(grad), static_cast<const c10::Half*>(x),
+                           static_cast<const c10::Half*>(bias), static_cast<c10::Half*>(grad_x),
+                           bias_partial, row_begin, row_end, cols, tanh_form);
+    case c10::ScalarType::BFloat16:
+      return backward_rows(static_cast<const c10::BFloat16*>(grad),
+                           static_cast<const c10::BFloat16*>(x),
+                           static_cast<const c10::BFloat16*>(bias),
+                           static_cast<c10::BFloat16*>(grad_x), bias_partial, row_begin, row_end,
+                           cols, tanh_form);
+    default:
+      return;
+  }
+}
+
+}  // namespace mmfast::cpu::CPU_CAPABILITY

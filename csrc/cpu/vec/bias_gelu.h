@@ -1,0 +1,20 @@
+// Row loops of bias_gelu, one build per ISA. Rows are contiguous, `cols` long, with a row
+// stride; the caller splits rows across threads.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "cpu/isa.h"
+
+MMFAST_DECLARE_ISA_KERNEL(
+    void bias_gelu_rows(c10::ScalarType dtype, const void* x, const void* bias, void* out,
+                        int64_t row_begin, int64_t row_end, int64_t cols, bool tanh_form))
+
+// grad_x[r] = grad[r] * gelu'(x[r] + bias); bias_partial[c] += sum over rows of grad_x[r, c]
+// (float32, the bias gradient of this block of rows).
+MMFAST_DECLARE_ISA_KERNEL(
+    void bias_gelu_backward_rows(c10::ScalarType dtype, const void* grad, const void* x,
+                                 const void* bias, void* grad_x, float* bias_partial,
+                                 int64_t row_begin, int64_t row_end, int64_t cols, bool tanh_form))

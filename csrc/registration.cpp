@@ -1,0 +1,38 @@
+// Every schema of the mmfast operator library, in one place. Kernels register per device:
+// CPU in csrc/cpu/*.cpp, CUDA C++ internals (mmfast::_<op>_cuda) in csrc/cuda/*.cu, and the
+// public CUDA kernels from Python (mmfast/ops/*.py), which choose among Triton and CUDA C++.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "cpu/isa.h"
+
+// `import mmfast._C` only needs to load this library so that the registrations below run.
+extern "C" PyObject* PyInit__C(void) {
+  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module);
+}
+
+namespace {
+
+std::string cpu_isa() { return mmfast::cpu::isa_name(mmfast::cpu::active_isa()); }
+
+bool has_cuda_kernels() {
+#ifdef MMFAST_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+}  // namespace
+
+TORCH_LIBRARY(mmfast, m) {
+  // Build facts: which vectorized CPU build runs, whether CUDA C++ kernels were compiled.
+  m.def("_cpu_isa() -> str", &cpu_isa);
+  m.def("_has_cuda_kernels() -> bool", &has_cuda_kernels);
+
+  m.def("bias_gelu(Tensor x, Tensor bias, str approximate=\"none\") -> Tensor");
+  m.def("bias_gelu_backward(Tensor grad_out, Tensor x, Tensor bias, str approximate) -> (Tensor, Tensor)");
+  m.def("_bias_gelu_cuda(Tensor x, Tensor bias, str approximate) -> Tensor");
+  m.def("_bias_gelu_backward_cuda(Tensor grad_out, Tensor x, Tensor bias, str approximate) -> (Tensor, Tensor)");
+}

@@ -1,0 +1,24 @@
+"""mmfast: fused kernels for the multimodal hot spots of vision-language models."""
+
+import torch
+
+try:
+    from mmfast import _C  # noqa: F401  (loading it registers torch.ops.mmfast.*)
+except ImportError as e:
+    raise ImportError(
+        "mmfast's compiled extension mmfast._C is missing or does not match this torch "
+        f"({torch.__version__}). Build it from the source tree with "
+        "`pip install --no-build-isolation -e .` (or `make build`); the flag matters: an "
+        f"isolated build compiles against another torch. Original error: {e}") from e
+
+from mmfast import ops, reference  # noqa: E402
+from mmfast._backend import backend, last_choice  # noqa: E402
+
+
+def cpu_isa() -> str:
+    """The vectorized CPU build in use: "avx512", "avx2" or "default"."""
+    return torch.ops.mmfast._cpu_isa()
+
+
+__all__ = ["ops", "reference", "backend", "last_choice", "cpu_isa"]
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""Thin nn.Modules over mmfast.ops: parameters and reshapes, no math of their own."""

@@ -1,0 +1,6 @@
+"""Plain-PyTorch references: the meaning of every mmfast op. Tests and benchmarks compare the
+fast kernels against these; nothing here is tuned for speed."""
+
+from mmfast.reference.bias_gelu import bias_gelu
+
+__all__ = ["bias_gelu"]
