@@ -3,5 +3,7 @@ torch.compile, with fake tensors and autograd); kernels are chosen per device by
 dispatcher: C++ on CPU, Triton or CUDA C++ on CUDA (see mmfast._backend)."""
 
 from mmfast.ops.bias_gelu import bias_gelu
+from mmfast.ops.bipartite_merge import bipartite_merge
+from mmfast.ops.prune_tokens import prune_tokens
 
-__all__ = ["bias_gelu"]
+__all__ = ["bias_gelu", "bipartite_merge", "prune_tokens"]

@@ -1,0 +1,320 @@
+// CPU kernels of mmfast::bipartite_merge and mmfast::bipartite_merge_backward (ToMe bipartite
+// soft matching + size-weighted merge).
+//
+// Forward, per sample: (1) inverse L2 norms of the metric rows (non-finite rows are an error);
+// (2) for tiles of kTileA A tokens against blocks of kTileB B tokens, the raw dot products
+// a . b come from one brgemm call into a small float32 tile, which is reduced at once to each
+// A token's best (a . b) / |b| and its first index: the A x B matrix never exists; (3) the r
+// best A tokens by (score desc, index asc); (4) every output row is the size-weighted mean of
+// its group, summed in a fixed order (the row's own token, then its merged A tokens by index):
+// deterministic whatever the thread count.
+//
+// The GEMM runs on the metric as given (bfloat16 products are exact in float32; float16 is
+// widened to float32), and norms scale the result afterwards, so the choice of merged tokens
+// differs from an exact (float64) computation only by float32 accumulation error.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/native/CPUBlas.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/constant_pad_nd.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <optional>
+#include <vector>
+
+#include "common/bipartite_merge.h"
+#include "cpu/vec/token_merge.h"
+
+namespace mmfast::cpu {
+
+namespace {
+
+constexpr int64_t kTileA = 32;   // A tokens per GEMM tile (rows of the float32 tile)
+constexpr int64_t kTileB = 256;  // B tokens per GEMM tile: a 32 x 256 tile is 32 KiB
+
+double element_as_double(at::ScalarType dtype, const char* row, int64_t c) {
+  switch (dtype) {
+    case at::kHalf: return static_cast<float>(reinterpret_cast<const c10::Half*>(row)[c]);
+    case at::kBFloat16: return static_cast<float>(reinterpret_cast<const c10::BFloat16*>(row)[c]);
+    default: return reinterpret_cast<const float*>(row)[c];
+  }
+}
+
+// inv_norm[b, n] = 1 / |metric[b, n]| (0 for a zero row, whose similarity is then 0 to all).
+at::Tensor inverse_norms(const at::Tensor& metric) {  // metric [B, N, Cm], unit last stride
+  const int64_t bsz = metric.size(0), n = metric.size(1), cm = metric.size(2);
+  auto inv = at::empty({bsz, n}, metric.options().dtype(at::kFloat));
+  float* out = inv.mutable_data_ptr<float>();
+  const auto dtype = metric.scalar_type();
+  const char* base = static_cast<const char*>(metric.const_data_ptr());
+  const int64_t esize = metric.element_size();
+  const auto sumsq = MMFAST_PICK_ISA(row_sumsq);
+  at::parallel_for(0, bsz * n, 64, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / n, i = t % n;
+      const char* row = base + (b * metric.stride(0) + i * metric.stride(1)) * esize;
+      double ss = sumsq(dtype, row, cm);
+      if (!std::isfinite(ss)) {
+        // Either a NaN/Inf value, or float32 overflow of the sum: tell them apart in double.
+        ss = 0.0;
+        for (int64_t c = 0; c < cm; ++c) {
+          const double v = element_as_double(dtype, row, c);
+          TORCH_CHECK_VALUE(std::isfinite(v), "bipartite_merge: metric has a non-finite value "
+                            "at [", b, ", ", i, ", ", c, "]; similarities would be NaN");
+          ss += v * v;
+        }
+      }
+      out[t] = ss > 0.0 ? static_cast<float>(1.0 / std::sqrt(ss)) : 0.0f;
+    }
+  });
+  return inv;
+}
+
+// GEMM operands laid out for brgemm: A rows as they are (row stride lda), B transposed to
+// [K, Nb] (float32) or to bfloat16 VNNI pairs [K/2, Nb, 2].
+struct SimilarityOperands {
+  at::Tensor a;   // [B, Na, K] unit last stride
+  at::Tensor bt;  // [B, K, Nb] float32, or [B, K/2, Nb, 2] bfloat16
+  int64_t k;
+  bool vnni;
+};
+
+SimilarityOperands pack_operands(const at::Tensor& metric) {
+  const int64_t n = metric.size(1);
+  auto a = metric.slice(1, 0, n, 2);  // [B, Na, Cm]
+  auto b = metric.slice(1, 1, n, 2);  // [B, Nb, Cm]
+  if (metric.scalar_type() == at::kBFloat16) {
+    if (metric.size(2) % 2) {  // VNNI pairs along K: pad one zero column
+      a = at::constant_pad_nd(a, {0, 1});
+      b = at::constant_pad_nd(b, {0, 1});
+    }
+    const int64_t k = a.size(2);
+    auto bt = b.unflatten(2, {k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
+    return {a.stride(2) == 1 ? a : a.contiguous(), bt, k, true};
+  }
+  a = a.to(at::kFloat);
+  auto bt = b.to(at::kFloat).transpose(1, 2).contiguous();
+  return {a.stride(2) == 1 ? a : a.contiguous(), bt, a.size(2), false};
+}
+
+void tile_gemm(const SimilarityOperands& ops, int64_t b, int64_t i0, int64_t m, int64_t j0,
+               int64_t nb, float* tile) {
+  const int64_t lda = ops.a.stride(1);
+  const int64_t ldb = ops.bt.size(2);  // Nb in both layouts
+  if (ops.vnni) {
+    const auto* a = ops.a.const_data_ptr<at::BFloat16>() + b * ops.a.stride(0) + i0 * lda;
+    const auto* bt = ops.bt.const_data_ptr<at::BFloat16>() + b * ops.bt.stride(0) + j0 * 2;
+    at::native::cpublas::brgemm(m, nb, ops.k, lda, ldb, kTileB, false, a, bt, tile, true);
+  } else {
+    const auto* a = ops.a.const_data_ptr<float>() + b * ops.a.stride(0) + i0 * lda;
+    const auto* bt = ops.bt.const_data_ptr<float>() + b * ops.bt.stride(0) + j0;
+    at::native::cpublas::brgemm(m, nb, ops.k, lda, ldb, kTileB, false, a, bt, tile, false);
+  }
+}
+
+// node_max[b, i] = max_j cos(a_i, b_j), node_idx[b, i] = the first j reaching it.
+void best_matches(const at::Tensor& metric, const at::Tensor& inv_norm, float* node_max,
+                  int64_t* node_idx, bool protect_first) {
+  const int64_t bsz = metric.size(0), n = metric.size(1);
+  const int64_t na = (n + 1) / 2, nb = n / 2;
+  const float* inv = inv_norm.const_data_ptr<float>();
+  if (nb == 0 || metric.size(2) == 0) {  // no partner, or all similarities 0
+    std::fill(node_max, node_max + bsz * na, nb == 0 ? -INFINITY : 0.0f);
+    std::fill(node_idx, node_idx + bsz * na, 0);
+  } else {
+    const auto ops = pack_operands(metric);
+    // 1/|b_j| contiguous per sample, for the tile reduction's inner loop.
+    const auto inv_b_all = inv_norm.slice(1, 1, n, 2).contiguous();  // [B, Nb]
+    const int64_t tiles = (na + kTileA - 1) / kTileA;
+    at::parallel_for(0, bsz * tiles, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> tile(kTileA * kTileB);
+      float best[kTileA];
+      int64_t arg[kTileA];
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t b = t / tiles, i0 = (t % tiles) * kTileA;
+        const int64_t m = std::min(kTileA, na - i0);
+        std::fill(best, best + m, -INFINITY);
+        std::fill(arg, arg + m, 0);
+        const float* inv_b = inv_b_all.const_data_ptr<float>() + b * nb;
+        for (int64_t j0 = 0; j0 < nb; j0 += kTileB) {
+          const int64_t cols = std::min(kTileB, nb - j0);
+          tile_gemm(ops, b, i0, m, j0, cols, tile.data());
+          const float* inv_bj = inv_b + j0;
+          for (int64_t i = 0; i < m; ++i) {
+            const float* row = tile.data() + i * kTileB;
+            for (int64_t j = 0; j < cols; ++j) {
+              const float s = row[j] * inv_bj[j];
+              if (s > best[i]) {  // strict: the lowest index wins a tie
+                best[i] = s;
+                arg[i] = j0 + j;
+              }
+            }
+          }
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          node_max[b * na + i0 + i] = best[i] * inv[b * n + 2 * (i0 + i)];
+          node_idx[b * na + i0 + i] = arg[i];
+        }
+      }
+      at::native::cpublas::brgemm_release(ops.vnni);
+    });
+  }
+  if (protect_first) {
+    for (int64_t b = 0; b < bsz; ++b) node_max[b * na] = -INFINITY;
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
+    const at::Tensor& x, const at::Tensor& metric_in, int64_t r,
+    const std::optional<at::Tensor>& size, bool protect_first) {
+  check_bipartite_merge_args(x, metric_in, r, size, protect_first);
+  const int64_t bsz = x.size(0), n = x.size(1), c = x.size(2);
+  const int64_t na = (n + 1) / 2, m_out = n - r;
+  const auto metric = metric_in.stride(2) == 1 ? metric_in : metric_in.contiguous();
+  const auto xc = x.stride(2) == 1 ? x : x.contiguous();
+  const auto sizes = size.has_value() ? size->to(at::kFloat).contiguous() : at::Tensor();
+
+  // (1) + (2): the best B match of every A token. Non-finite metric rows are an error even
+  // when r == 0, so that the op's contract does not depend on r.
+  const auto inv_norm = inverse_norms(metric);
+  std::vector<float> node_max(bsz * na);
+  std::vector<int64_t> node_idx(bsz * na);
+  if (r > 0) best_matches(metric, inv_norm, node_max.data(), node_idx.data(), protect_first);
+
+  // (3) selection and the groups: for every output row, its tokens in summation order.
+  auto dest = at::empty({bsz, n}, x.options().dtype(at::kLong));
+  std::vector<int64_t> group_start(bsz * (m_out + 1));
+  std::vector<int64_t> group_tokens(bsz * n);
+  int64_t* dest_ptr = dest.mutable_data_ptr<int64_t>();
+  at::parallel_for(0, bsz, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<int64_t> order(na), merged_into(na), count(n);
+    for (int64_t b = b0; b < b1; ++b) {
+      const float* score = node_max.data() + b * na;
+      std::iota(order.begin(), order.end(), 0);
+      std::partial_sort(order.begin(), order.begin() + r, order.end(),
+                        [&](int64_t p, int64_t q) {
+                          return score[p] > score[q] || (score[p] == score[q] && p < q);
+                        });
+      std::fill(merged_into.begin(), merged_into.end(), -1);
+      for (int64_t k = 0; k < r; ++k) {
+        merged_into[order[k]] = 2 * node_idx[b * na + order[k]] + 1;  // token index
+      }
+      int64_t* d = dest_ptr + b * n;
+      // Output rows: surviving tokens in order; count[t] = size of token t's group.
+      std::fill(count.begin(), count.end(), 0);
+      int64_t row = 0;
+      for (int64_t t = 0; t < n; ++t) {
+        if (t % 2 == 0 && merged_into[t / 2] >= 0) continue;
+        d[t] = row++;
+        count[t] = 1;
+      }
+      for (int64_t i = 0; i < na; ++i) {
+        if (merged_into[i] >= 0) {
+          d[2 * i] = d[merged_into[i]];
+          ++count[merged_into[i]];
+        }
+      }
+      int64_t* start = group_start.data() + b * (m_out + 1);
+      int64_t* tokens = group_tokens.data() + b * n;
+      start[0] = 0;
+      std::vector<int64_t> fill(m_out);
+      for (int64_t t = 0, o = 0; t < n; ++t) {
+        if (count[t] == 0) continue;
+        tokens[start[o]] = t;  // the row's own token first
+        fill[o] = start[o] + 1;
+        start[o + 1] = start[o] + count[t];
+        ++o;
+      }
+      for (int64_t i = 0; i < na; ++i) {  // then its merged A tokens, by index
+        if (merged_into[i] >= 0) tokens[fill[d[2 * i]]++] = 2 * i;
+      }
+    }
+  });
+
+  // (4) the size-weighted mean of every group.
+  auto merged = at::empty({bsz, m_out, c}, x.options());
+  auto merged_size = at::empty({bsz, m_out}, x.options().dtype(at::kFloat));
+  const float* size_ptr = sizes.defined() ? sizes.const_data_ptr<float>() : nullptr;
+  float* msize_ptr = merged_size.mutable_data_ptr<float>();
+  const auto dtype = x.scalar_type();
+  const int64_t esize = x.element_size();
+  const char* xbase = static_cast<const char*>(xc.const_data_ptr());
+  char* obase = static_cast<char*>(merged.mutable_data_ptr());
+  const auto wsum = MMFAST_PICK_ISA(weighted_row_sum);
+  const auto scale = MMFAST_PICK_ISA(scale_row);
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(c, 1));
+  at::parallel_for(0, bsz * m_out, grain, [&](int64_t t0, int64_t t1) {
+    std::vector<float> acc(c);
+    std::vector<float> weights;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / m_out, o = t % m_out;
+      const int64_t* start = group_start.data() + b * (m_out + 1);
+      const int64_t* tokens = group_tokens.data() + b * n + start[o];
+      const int64_t count = start[o + 1] - start[o];
+      const char* xb = xbase + b * xc.stride(0) * esize;
+      char* out_row = obase + t * c * esize;
+      weights.resize(count);
+      float total = 0.0f;
+      for (int64_t k = 0; k < count; ++k) {
+        weights[k] = size_ptr ? size_ptr[b * n + tokens[k]] : 1.0f;
+        total += weights[k];
+      }
+      msize_ptr[t] = total;
+      if (count == 1) {  // a token that merged with nothing is copied exactly
+        scale(dtype, xb + tokens[0] * xc.stride(1) * esize, 1.0f, out_row, c);
+      } else {
+        wsum(dtype, xb, xc.stride(1), tokens, weights.data(), count, 1.0f / total, acc.data(),
+             out_row, c);
+      }
+    }
+  });
+  return {merged, merged_size, dest};
+}
+
+// grad_x[b, t] = grad_merged[b, dest[b, t]] * size[b, t] / merged_size[b, dest[b, t]]
+at::Tensor bipartite_merge_backward_cpu(const at::Tensor& grad_merged, const at::Tensor& dest,
+                                        const std::optional<at::Tensor>& size,
+                                        const at::Tensor& merged_size) {
+  check_bipartite_merge_backward_args(grad_merged, dest, size, merged_size);
+  const int64_t bsz = dest.size(0), n = dest.size(1);
+  const int64_t m = grad_merged.size(1), c = grad_merged.size(2);
+  const auto g = grad_merged.contiguous();
+  const auto d = dest.contiguous();
+  const auto ms = merged_size.contiguous();
+  const auto sizes = size.has_value() ? size->to(at::kFloat).contiguous() : at::Tensor();
+  auto grad_x = at::empty({bsz, n, c}, grad_merged.options());
+  const auto scale = MMFAST_PICK_ISA(scale_row);
+  const auto dtype = g.scalar_type();
+  const int64_t esize = g.element_size();
+  const char* gbase = static_cast<const char*>(g.const_data_ptr());
+  char* obase = static_cast<char*>(grad_x.mutable_data_ptr());
+  const int64_t* dp = d.const_data_ptr<int64_t>();
+  const float* msp = ms.const_data_ptr<float>();
+  const float* sp = sizes.defined() ? sizes.const_data_ptr<float>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(c, 1));
+  at::parallel_for(0, bsz * n, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t b = t / n, o = dp[t];
+      TORCH_CHECK_INDEX(o >= 0 && o < m, "bipartite_merge_backward: dest[", b, ", ", t % n,
+                        "] = ", o, " is outside [0, ", m, ")");
+      const float w = sp ? sp[t] : 1.0f;
+      scale(dtype, gbase + (b * m + o) * c * esize, w / msp[b * m + o], obase + t * c * esize,
+            c);
+    }
+  });
+  return grad_x;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
+  m.impl("bipartite_merge", &bipartite_merge_cpu);
+  m.impl("bipartite_merge_backward", &bipartite_merge_backward_cpu);
+}
+
+}  // namespace mmfast::cpu

@@ -1,0 +1,138 @@
+// bipartite_merge / prune_tokens inner loops: norms of metric rows, the size-weighted sum of a
+// group of token rows, and the row scaling of the merge backward. Compiled once per ISA.
+#include "cpu/vec/token_merge.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <tuple>
+#include <type_traits>
+
+namespace mmfast::cpu::CPU_CAPABILITY {
+
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kW = fVec::size();
+// A Vectorized<half type> holds two float vectors' worth: rows are walked in chunks of that.
+constexpr int64_t kChunk = 2 * kW;
+
+template <typename T>
+inline void load_chunk(const T* p, int64_t n, fVec& lo, fVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    lo = n >= kW ? fVec::loadu(p) : fVec::loadu(p, n);
+    hi = n >= kChunk ? fVec::loadu(p + kW) : (n > kW ? fVec::loadu(p + kW, n - kW) : fVec(0.0f));
+  } else {
+    using V = at::vec::Vectorized<T>;
+    const V v = n >= kChunk ? V::loadu(p) : V::loadu(p, n);
+    std::tie(lo, hi) = at::vec::convert_to_float<T>(v);
+  }
+}
+
+template <typename T>
+inline void store_chunk(T* p, int64_t n, const fVec& lo, const fVec& hi) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (n >= kChunk) {
+      lo.store(p);
+      hi.store(p + kW);
+    } else {
+      lo.store(p, std::min(n, kW));
+      if (n > kW) hi.store(p + kW, n - kW);
+    }
+  } else {
+    const auto v = at::vec::convert_from_float<T>(lo, hi);
+    if (n >= kChunk) v.store(p); else v.store(p, n);
+  }
+}
+
+template <typename T>
+float sumsq(const T* row, int64_t n) {
+  fVec s0(0.0f), s1(0.0f);
+  for (int64_t c = 0; c < n; c += kChunk) {
+    fVec lo, hi;
+    load_chunk(row + c, n - c, lo, hi);
+    s0 = at::vec::fmadd(lo, lo, s0);
+    s1 = at::vec::fmadd(hi, hi, s1);
+  }
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, s0 + s1);
+}
+
+template <typename T>
+void weighted_sum(const T* x, int64_t row_stride, const int64_t* rows, const float* weights,
+                  int64_t count, float scale, float* acc, T* out, int64_t n) {
+  // One pass over the columns per source row keeps acc (a few KiB) in L1.
+  for (int64_t k = 0; k < count; ++k) {
+    const T* src = x + rows[k] * row_stride;
+    const fVec w(weights[k]);
+    for (int64_t c = 0; c < n; c += kChunk) {
+      const int64_t m = std::min(kChunk, n - c);
+      fVec lo, hi;
+      load_chunk(src + c, m, lo, hi);
+      if (k == 0) {
+        lo = lo * w;
+        hi = hi * w;
+      } else {
+        fVec a0, a1;
+        load_chunk(acc + c, m, a0, a1);
+        lo = at::vec::fmadd(lo, w, a0);
+        hi = at::vec::fmadd(hi, w, a1);
+      }
+      if (k + 1 == count) {
+        store_chunk(out + c, m, lo * fVec(scale), hi * fVec(scale));
+      } else {
+        store_chunk(acc + c, m, lo, hi);
+      }
+    }
+  }
+}
+
+template <typename T>
+void scale(const T* src, float factor, T* dst, int64_t n) {
+  const fVec f(factor);
+  for (int64_t c = 0; c < n; c += kChunk) {
+    const int64_t m = std::min(kChunk, n - c);
+    fVec lo, hi;
+    load_chunk(src + c, m, lo, hi);
+    store_chunk(dst + c, m, lo * f, hi * f);
+  }
+}
+
+template <typename Fn>
+inline auto by_dtype(c10::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Half: return fn(c10::Half{});
+    case c10::ScalarType::BFloat16: return fn(c10::BFloat16{});
+    default: return fn(float{});  // dtype is checked by the caller
+  }
+}
+
+}  // namespace
+
+float row_sumsq(c10::ScalarType dtype, const void* row, int64_t n) {
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    return sumsq(static_cast<const T*>(row), n);
+  });
+}
+
+void weighted_row_sum(c10::ScalarType dtype, const void* x, int64_t row_stride,
+                      const int64_t* rows, const float* weights, int64_t count, float scale_by,
+                      float* acc, void* out, int64_t n) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    weighted_sum(static_cast<const T*>(x), row_stride, rows, weights, count, scale_by, acc,
+                 static_cast<T*>(out), n);
+  });
+}
+
+void scale_row(c10::ScalarType dtype, const void* src, float factor, void* dst, int64_t n) {
+  by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    scale(static_cast<const T*>(src), factor, static_cast<T*>(dst), n);
+  });
+}
+
+}  // namespace mmfast::cpu::CPU_CAPABILITY

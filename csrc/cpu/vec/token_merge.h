@@ -1,0 +1,25 @@
+// Row loops of bipartite_merge and prune_tokens, one build per ISA (raw pointers only; the
+// caller splits rows across threads). Element types: float32, float16, bfloat16; math in
+// float32.
+#pragma once
+
+#include <c10/core/ScalarType.h>
+
+#include <cstdint>
+
+#include "cpu/isa.h"
+
+// sum_c row[c]^2 in float32 (NaN and Inf propagate; the caller tells overflow from them).
+MMFAST_DECLARE_ISA_KERNEL(
+    float row_sumsq(c10::ScalarType dtype, const void* row, int64_t n))
+
+// out[c] = scale * sum_k weights[k] * x[rows[k] * row_stride + c], summed in the order of
+// `rows` (deterministic); acc is float32 scratch of n elements.
+MMFAST_DECLARE_ISA_KERNEL(
+    void weighted_row_sum(c10::ScalarType dtype, const void* x, int64_t row_stride,
+                          const int64_t* rows, const float* weights, int64_t count, float scale,
+                          float* acc, void* out, int64_t n))
+
+// dst[c] = factor * src[c]
+MMFAST_DECLARE_ISA_KERNEL(
+    void scale_row(c10::ScalarType dtype, const void* src, float factor, void* dst, int64_t n))
