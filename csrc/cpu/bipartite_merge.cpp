@@ -84,22 +84,46 @@ struct SimilarityOperands {
   bool vnni;
 };
 
+// B^T: b [B, Nb, K] viewed as rows of 32-bit words (K floats, or K/2 bfloat16 pairs),
+// transposed to [B, words, Nb] words.
+at::Tensor transpose_words(const at::Tensor& b, bool pairs) {
+  const int64_t bsz = b.size(0), nb = b.size(1);
+  const int64_t words = pairs ? b.size(2) / 2 : b.size(2);
+  const int64_t ld_src = pairs ? b.stride(1) / 2 : b.stride(1);
+  auto bt = pairs ? at::empty({bsz, words, nb, 2}, b.options())
+                  : at::empty({bsz, words, nb}, b.options());
+  const auto transpose = MMFAST_PICK_ISA(transpose32);
+  const int64_t esize = b.element_size();
+  const char* src = static_cast<const char*>(b.const_data_ptr());
+  char* dst = static_cast<char*>(bt.mutable_data_ptr());
+  constexpr int64_t kRows = 64;  // rows of b per task
+  const int64_t blocks = (nb + kRows - 1) / kRows;
+  at::parallel_for(0, bsz * blocks, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t i = t / blocks, r0 = (t % blocks) * kRows;
+      transpose(src + (i * b.stride(0) + r0 * b.stride(1)) * esize, ld_src,
+                dst + (i * words * nb + r0) * 4, nb, std::min(kRows, nb - r0), words);
+    }
+  });
+  return bt;
+}
+
 SimilarityOperands pack_operands(const at::Tensor& metric) {
   const int64_t n = metric.size(1);
   auto a = metric.slice(1, 0, n, 2);  // [B, Na, Cm]
   auto b = metric.slice(1, 1, n, 2);  // [B, Nb, Cm]
-  if (metric.scalar_type() == at::kBFloat16) {
-    if (metric.size(2) % 2) {  // VNNI pairs along K: pad one zero column
-      a = at::constant_pad_nd(a, {0, 1});
-      b = at::constant_pad_nd(b, {0, 1});
-    }
-    const int64_t k = a.size(2);
-    auto bt = b.unflatten(2, {k / 2, 2}).permute({0, 2, 1, 3}).contiguous();
-    return {a.stride(2) == 1 ? a : a.contiguous(), bt, k, true};
+  const bool vnni = metric.scalar_type() == at::kBFloat16;
+  if (vnni && metric.size(2) % 2) {  // VNNI pairs along K: pad one zero column
+    a = at::constant_pad_nd(a, {0, 1});
+    b = at::constant_pad_nd(b, {0, 1});
   }
-  a = a.to(at::kFloat);
-  auto bt = b.to(at::kFloat).transpose(1, 2).contiguous();
-  return {a.stride(2) == 1 ? a : a.contiguous(), bt, a.size(2), false};
+  if (!vnni) {  // float16 has no fast GEMM here: widen (exactly) to float32
+    a = a.to(at::kFloat);
+    b = b.to(at::kFloat);
+  }
+  if (a.stride(2) != 1) a = a.contiguous();
+  if (b.stride(2) != 1 || (vnni && b.stride(1) % 2)) b = b.contiguous();
+  return {a, transpose_words(b, vnni), a.size(2), vnni};
 }
 
 void tile_gemm(const SimilarityOperands& ops, int64_t b, int64_t i0, int64_t m, int64_t j0,

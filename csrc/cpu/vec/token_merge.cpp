@@ -135,4 +135,19 @@ void scale_row(c10::ScalarType dtype, const void* src, float factor, void* dst, 
   });
 }
 
+void transpose32(const void* src, int64_t ld_src, void* dst, int64_t ld_dst, int64_t rows,
+                 int64_t cols) {
+  // Words are moved as float bit patterns: the vector shuffles never change a bit.
+  const float* s = static_cast<const float*>(src);
+  float* d = static_cast<float*>(dst);
+  constexpr int64_t kBlock = 64;  // a 64 x 64 block of words (16 KiB) stays in L1
+  for (int64_t r = 0; r < rows; r += kBlock) {
+    for (int64_t c = 0; c < cols; c += kBlock) {
+      at::vec::transpose_mxn<float>(s + r * ld_src + c, ld_src, d + c * ld_dst + r, ld_dst,
+                                    static_cast<int>(std::min(kBlock, rows - r)),
+                                    static_cast<int>(std::min(kBlock, cols - c)));
+    }
+  }
+}
+
 }  // namespace mmfast::cpu::CPU_CAPABILITY
