@@ -62,8 +62,7 @@ def plan(modules, args, device):
                 for mode in args.modes or module.MODES:
                     if mode not in module.MODES:
                         continue
-                    for provider in providers:
-                        jobs.append((op, case, provider, dtype, mode))
+                    jobs.append((op, case, providers, dtype, mode))
     return jobs
 
 
@@ -152,8 +151,8 @@ def main(argv=None):
     modules = discover()
     jobs = plan(modules, args, device)
     if args.list:
-        for op, case, provider, dtype, mode in jobs:
-            print(op, case.name, dtype, mode, provider.name)
+        for op, case, providers, dtype, mode in jobs:
+            print(op, case.name, dtype, mode, ", ".join(p.name for p in providers))
         return 0
     if not jobs:
         print("no benchmark matches the options", file=sys.stderr)
@@ -171,14 +170,14 @@ def main(argv=None):
         progress = jobs
     rows = []
     jsonl = open(os.path.join(args.out, "results.jsonl"), "a")
-    for op, case, provider, dtype, mode in progress:
+    for op, case, providers, dtype, mode in progress:
         if hasattr(progress, "set_description"):
-            progress.set_description(f"{op} {case.name} {dtype} {mode} {provider.name}"[:60])
-        m = harness.measure(op, case, provider, dtype, mode, device, args.quick)
-        rows.append(m)
-        record = dict(vars(m), date=stamp, machine=info,
-                      gemm_peak_gflops=peaks.get((device.type, dtype)))
-        jsonl.write(json.dumps(record) + "\n")
+            progress.set_description(f"{op} {case.name} {dtype} {mode}"[:60])
+        for m in harness.measure_group(op, case, providers, dtype, mode, device, args.quick):
+            rows.append(m)
+            record = dict(vars(m), date=stamp, machine=info,
+                          gemm_peak_gflops=peaks.get((device.type, dtype)))
+            jsonl.write(json.dumps(record) + "\n")
         jsonl.flush()
     jsonl.close()
     header = (f"mmfast benchmarks, {stamp}, {info['cpu']} ({info['threads']} threads"

@@ -7,10 +7,11 @@ A bench module (`benchmarks/bench_<op>.py`) defines
     providers(device) -> list[Provider]       reference (eager), reference under torch.compile,
                                               mmfast, peers where installed
 
-Each measurement runs one provider on one case, dtype and mode, side by side with the others
-in the same process, on fresh random inputs:
-  * CPU time: torch.utils.benchmark's blocked_autorange (median; warm-up excluded).
-  * GPU time: triton.testing.do_bench (median and 20/80 quantiles).
+All providers of one case, dtype and mode are measured side by side in the same process, on
+the same fresh random inputs, in interleaved rounds:
+  * CPU time: torch.utils.benchmark's blocked_autorange per round; median and 20/80 quantiles
+    of all samples (warm-up excluded).
+  * GPU time: triton.testing.do_bench per round, likewise.
   * Peak memory: CPU, the process's peak RSS above its level just before the call (the peak is
     reset through /proc/self/clear_refs; glibc is told to return every large block to the OS,
     so freed memory of earlier runs cannot hide an allocation); GPU, max_memory_allocated
@@ -189,98 +190,28 @@ def _tensors(obj):
 # timing
 
 
-def _time_cpu(fn: Callable[[], Any], min_run_time: float) -> tuple[float, float, float]:
+def _cpu_samples(fn: Callable[[], Any], budget_s: float) -> list[float]:
+    """Per-call times (ms) of fn over about budget_s, from blocked_autorange."""
     from torch.utils import benchmark
 
-    fn()  # warm-up, excluded
-    m = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
-    r = m.blocked_autorange(min_run_time=min_run_time)
-    times = sorted(r.times)
-    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
-    return r.median * 1e3, q(0.2) * 1e3, q(0.8) * 1e3
+    timer = benchmark.Timer(stmt="fn()", globals={"fn": fn}, num_threads=torch.get_num_threads())
+    return [t * 1e3 for t in timer.blocked_autorange(min_run_time=budget_s).times]
 
 
-def _time_gpu(fn: Callable[[], Any], quick: bool) -> tuple[float, float, float]:
+def _gpu_samples(fn: Callable[[], Any], budget_s: float) -> list[float]:
     import triton.testing
 
-    med, q20, q80 = triton.testing.do_bench(fn, warmup=10 if quick else 25, rep=30 if quick else 100,
-                                           quantiles=[0.5, 0.2, 0.8])
-    return med, q20, q80
+    return list(triton.testing.do_bench(fn, warmup=5, rep=max(1, int(budget_s * 1e3)),
+                                        return_mode="all"))
 
 
-def _outputs(out) -> list[torch.Tensor]:
-    return [t for t in _tensors(out) if t.requires_grad]
-
-
-def measure(op: str, case: Case, provider: Provider, dtype: str, mode: str, device: torch.device,
-            quick: bool = False) -> Measurement:
-    m = Measurement(op, case.name, case.params, dtype, mode, provider.name, provider.kind,
-                    provider.name, str(device.type))
-    reason = provider.supports(case, dtype, mode) if provider.supports else None
-    if reason:
-        m.error = f"skipped: {reason}"
-        return m
-    torch.manual_seed(0)
-    needs_grad = mode != "forward"
-    inputs = case.make_inputs(device, DTYPE_NAMES[dtype], needs_grad)
-    try:
-        if mode == "forward":
-            def run():
-                with torch.no_grad():
-                    return provider.fn(inputs)
-        else:
-            first = _outputs(provider.fn(inputs))
-            grads = [torch.randn_like(t) for t in first]
-            del first
-            if mode == "backward":
-                state = {}
-
-                def prepare():
-                    state["out"] = _outputs(provider.fn(inputs))
-
-                def run():
-                    # One forward per backward is unavoidable without retain_graph; prepare()
-                    # runs it outside the timed region below.
-                    torch.autograd.backward(state.pop("out"), grads)
-            else:
-                def run():
-                    out = _outputs(provider.fn(inputs))
-                    torch.autograd.backward(out, grads)
-                    return out
-        if mode == "backward":
-            m.time_ms, m.time_q20_ms, m.time_q80_ms = _time_backward(prepare, run, device, quick)
-        elif device.type == "cuda":
-            m.time_ms, m.time_q20_ms, m.time_q80_ms = _time_gpu(run, quick)
-        else:
-            m.time_ms, m.time_q20_ms, m.time_q80_ms = _time_cpu(run, 0.2 if quick else 1.0)
-        if mode == "backward":
-            prepare()
-        m.peak_mib = (gpu_peak_mib if device.type == "cuda" else cpu_peak_mib)(run)
-        if needs_grad:
-            m.saved_mib = saved_tensor_mib(lambda: provider.fn(inputs), inputs)
-        flops = {"forward": case.flops,
-                 "backward": case.backward_flops if case.backward_flops is not None else 2 * case.flops}
-        flops["forward+backward"] = flops["forward"] + flops["backward"]
-        if flops[mode] and m.time_ms:
-            m.gflops = flops[mode] / (m.time_ms * 1e-3) / 1e9
-        nbytes = case.bytes(DTYPE_NAMES[dtype]) if callable(case.bytes) else case.bytes
-        if nbytes and mode == "forward" and m.time_ms:
-            m.gbps = nbytes / (m.time_ms * 1e-3) / 1e9
-        if provider.implementation is not None:
-            m.implementation = provider.implementation()
-    except Exception as e:  # a provider that fails is reported in the table, not fatal
-        m.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-    return m
-
-
-def _time_backward(prepare, run, device, quick) -> tuple[float, float, float]:
-    """Time backward alone: each sample runs a forward (untimed), then the timed backward."""
-    import statistics
+def _backward_samples(prepare, run, device, budget_s: float) -> list[float]:
+    """Backward alone: each sample runs a forward (untimed), then the timed backward."""
     import time
 
     samples = []
-    n = 5 if quick else 15
-    for i in range(n + 1):
+    deadline = time.perf_counter() + budget_s
+    while not samples or time.perf_counter() < deadline:
         prepare()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -289,15 +220,131 @@ def _time_backward(prepare, run, device, quick) -> tuple[float, float, float]:
             run()
             end.record()
             torch.cuda.synchronize()
-            dt = start.elapsed_time(end)
+            samples.append(start.elapsed_time(end))
         else:
             t0 = time.perf_counter()
             run()
-            dt = (time.perf_counter() - t0) * 1e3
-        if i:  # the first is warm-up
-            samples.append(dt)
-    samples.sort()
-    return statistics.median(samples), samples[int(0.2 * n)], samples[min(n - 1, int(0.8 * n))]
+            samples.append((time.perf_counter() - t0) * 1e3)
+    return samples
+
+
+def _outputs(out) -> list[torch.Tensor]:
+    return [t for t in _tensors(out) if t.requires_grad]
+
+
+@dataclass
+class _Runner:
+    provider: Provider
+    m: Measurement
+    run: Callable[[], Any] | None = None
+    prepare: Callable[[], Any] | None = None
+    samples: list = field(default_factory=list)
+
+
+def _make_runner(runner: _Runner, inputs: dict, mode: str) -> None:
+    fn = runner.provider.fn
+    if mode == "forward":
+        def run():
+            with torch.no_grad():
+                return fn(inputs)
+        runner.run = run
+        return
+    first = _outputs(fn(inputs))
+    if not first:
+        raise RuntimeError("no output requires grad")
+    grads = [torch.randn_like(t) for t in first]
+    del first
+    if mode == "backward":
+        state = {}
+
+        def prepare():
+            state["out"] = _outputs(fn(inputs))
+
+        def run():
+            torch.autograd.backward(state.pop("out"), grads)
+        runner.prepare, runner.run = prepare, run
+    else:
+        def run():
+            out = _outputs(fn(inputs))
+            torch.autograd.backward(out, grads)
+            return out
+        runner.run = run
+
+
+def _fail(runner: _Runner, e: Exception) -> None:
+    runner.m.error = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    runner.run = None
+
+
+def measure_group(op: str, case: Case, providers: list[Provider], dtype: str, mode: str,
+                  device: torch.device, quick: bool = False) -> list[Measurement]:
+    """Measure every provider on one (case, dtype, mode), on the same inputs.
+
+    Providers are timed in interleaved rounds (A B C A B C ...) and each one's samples pooled,
+    so a change in the machine's load during the run hits all of them alike: the ratios stay
+    fair on a shared, noisy machine."""
+    torch.manual_seed(0)
+    inputs = case.make_inputs(device, DTYPE_NAMES[dtype], mode != "forward")
+    runners = []
+    for p in providers:
+        r = _Runner(p, Measurement(op, case.name, case.params, dtype, mode, p.name, p.kind,
+                                   p.name, str(device.type)))
+        runners.append(r)
+        reason = p.supports(case, dtype, mode) if p.supports else None
+        if reason:
+            r.m.error = f"skipped: {reason}"
+            continue
+        try:
+            _make_runner(r, inputs, mode)
+            if r.prepare:
+                r.prepare()
+            r.run()  # warm-up (and compilation), excluded
+        except Exception as e:  # a provider that fails is reported in the table, not fatal
+            _fail(r, e)
+    rounds, budget = (3, 0.05) if quick else (7, 0.15)
+    for _ in range(rounds):
+        for r in runners:
+            if r.run is None:
+                continue
+            try:
+                if mode == "backward":
+                    r.samples += _backward_samples(r.prepare, r.run, device, budget)
+                elif device.type == "cuda":
+                    r.samples += _gpu_samples(r.run, budget)
+                else:
+                    r.samples += _cpu_samples(r.run, budget)
+            except Exception as e:
+                _fail(r, e)
+    for r in runners:
+        if r.run is None:
+            continue
+        try:
+            _finish(r, case, inputs, dtype, mode, device)
+        except Exception as e:
+            _fail(r, e)
+    return [r.m for r in runners]
+
+
+def _finish(r: _Runner, case: Case, inputs: dict, dtype: str, mode: str, device) -> None:
+    m = r.m
+    times = sorted(r.samples)
+    q = lambda p: times[min(len(times) - 1, int(p * len(times)))]  # noqa: E731
+    m.time_ms, m.time_q20_ms, m.time_q80_ms = q(0.5), q(0.2), q(0.8)
+    if r.prepare:
+        r.prepare()
+    m.peak_mib = (gpu_peak_mib if device.type == "cuda" else cpu_peak_mib)(r.run)
+    if mode != "forward":
+        m.saved_mib = saved_tensor_mib(lambda: r.provider.fn(inputs), inputs)
+    flops = {"forward": case.flops,
+             "backward": case.backward_flops if case.backward_flops is not None else 2 * case.flops}
+    flops["forward+backward"] = flops["forward"] + flops["backward"]
+    if flops[mode]:
+        m.gflops = flops[mode] / (m.time_ms * 1e-3) / 1e9
+    nbytes = case.bytes(DTYPE_NAMES[dtype]) if callable(case.bytes) else case.bytes
+    if nbytes and mode == "forward":
+        m.gbps = nbytes / (m.time_ms * 1e-3) / 1e9
+    if r.provider.implementation is not None:
+        m.implementation = r.provider.implementation()
 
 
 _GEMM_PEAK: dict = {}
@@ -312,7 +359,9 @@ def gemm_peak_gflops(device: torch.device, dtype: str, quick: bool = False) -> f
         a = torch.randn(n, n, device=device, dtype=DTYPE_NAMES[dtype])
         b = torch.randn(n, n, device=device, dtype=DTYPE_NAMES[dtype])
         run = lambda: torch.mm(a, b)  # noqa: E731
-        ms = (_time_gpu(run, quick) if device.type == "cuda" else _time_cpu(run, 0.3 if quick else 1.0))[0]
+        run()
+        samples = (_gpu_samples if device.type == "cuda" else _cpu_samples)(run, 0.3 if quick else 1.0)
+        ms = sorted(samples)[len(samples) // 2]
         _GEMM_PEAK[key] = 2 * n**3 / (ms * 1e-3) / 1e9
     return _GEMM_PEAK[key]
 
