@@ -7,13 +7,21 @@ Differences from ToMe's code, all part of mmfast's contract:
 - the output keeps the surviving tokens in their original relative order (ToMe puts the
   unmerged A tokens first, then the B tokens);
 - ``dest`` maps each input token to its output row;
-- the similarity is computed in float64 from the metric as given, so the reference itself
-  introduces no rounding into which tokens merge;
+- the similarity is computed in float64 from the metric as given, the same way for every
+  pair of tokens, so the reference itself introduces no rounding into which tokens merge and
+  duplicate tokens tie exactly;
 - a metric row of zeros has similarity 0 to every token (ToMe would produce NaN);
 - ``merged_size`` is float32 (a bfloat16 size stops counting exactly at 256).
 """
 
 import torch
+
+
+def _distinct_row_products(a, b):
+    """a @ b.T with every pair of equal rows given the same value: a [Na, K], b [Nb, K]."""
+    ua, ia = torch.unique(a, dim=0, return_inverse=True)
+    ub, ib = torch.unique(b, dim=0, return_inverse=True)
+    return (ua @ ub.T)[ia][:, ib]
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, r: int, *, size=None,
@@ -28,7 +36,9 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, r: int, *, size=None,
     m = metric.to(torch.float64)
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(torch.float64).tiny)
     a, b = m[:, ::2], m[:, 1::2]              # even tokens -> A, odd tokens -> B
-    scores = a @ b.transpose(-1, -2)          # [B, Na, Nb]
+    # [B, Na, Nb]. A GEMM may round equal rows differently by their position in its tiles,
+    # which would decide exact ties by rounding: score each distinct pair of rows once.
+    scores = torch.stack([_distinct_row_products(a[i], b[i]) for i in range(bsz)])
     if protect_first:
         scores[:, 0, :] = -torch.inf
 

@@ -1,0 +1,206 @@
+import pytest
+import torch
+
+import mmfast
+from mmfast import reference
+from tests.helpers import DTYPES, assert_close, noncontiguous, sample_inputs, tol
+
+
+def _ref64(x, metric, r, size=None, protect_first=False):
+    """Reference in float64 (values) with the same choice of tokens."""
+    return reference.bipartite_merge(x.detach().double(), metric, r, size=size,
+                                     protect_first=protect_first)
+
+
+def _check_against_reference(x, metric, r, **kwargs):
+    merged, merged_size, dest = mmfast.ops.bipartite_merge(x, metric, r, **kwargs)
+    ref_merged, ref_size, ref_dest = _ref64(x, metric, r, **kwargs)
+    b, n, c = x.shape
+    assert merged.shape == (b, n - r, c) and merged.dtype == x.dtype
+    assert merged_size.shape == (b, n - r) and merged_size.dtype == torch.float32
+    assert dest.shape == (b, n) and dest.dtype == torch.int64
+    assert torch.equal(dest, ref_dest), f"different tokens merged: {(dest != ref_dest).nonzero()[:5]}"
+    atol, rtol = tol(x.dtype)
+    assert_close(merged, ref_merged, atol=atol, rtol=rtol, name="merged")
+    assert_close(merged_size, ref_size, atol=1e-6, rtol=1e-6, name="merged_size")
+    return merged, merged_size, dest
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_samples_match_reference(dtype):
+    for s in sample_inputs("bipartite_merge", dtype=dtype):
+        _check_against_reference(*s.args, **s.kwargs)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", [577, 576, 2880])
+def test_issue_shapes(n, dtype):
+    """N odd and even, r in {0, 1, 16, N // 2}, with size and with a protected CLS token."""
+    x = torch.randn(2, n, 8, dtype=dtype)
+    metric = torch.randn(2, n, 24, dtype=dtype)
+    size = torch.randint(1, 9, (2, n)).to(dtype)
+    for r in (0, 1, 16, n // 2):
+        _check_against_reference(x, metric, r)
+        _check_against_reference(x, metric, r, size=size)
+        _check_against_reference(x, metric, min(r, (n - 1) // 2), protect_first=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_duplicate_tokens_break_ties_by_lower_index(dtype):
+    # A tokens repeat 4 directions and B tokens 5 others: every A token has several B tokens
+    # of exactly equal similarity, and A tokens of one direction share their score exactly
+    # (the same arithmetic on the same values). The lower index must win every tie. The
+    # directions of A and B differ, so scores of different directions are not near-ties.
+    n = 100
+    dirs_a, dirs_b = torch.randn(4, 16, dtype=dtype), torch.randn(5, 16, dtype=dtype)
+    pick_a = torch.randint(0, 4, (3, (n + 1) // 2))
+    pick_b = torch.randint(0, 5, (3, n // 2))
+    metric = torch.empty(3, n, 16, dtype=dtype)
+    metric[:, 0::2] = dirs_a[pick_a]
+    metric[:, 1::2] = dirs_b[pick_b]
+    x = torch.randn(3, n, 6, dtype=dtype)
+    for r in (1, 7, 25, 50):
+        _check_against_reference(x, metric, r)
+    # With every A token merged (r = N / 2): each went to the first B token of its best direction.
+    _, _, dest = mmfast.ops.bipartite_merge(x, metric, 50)
+    a = dirs_a.double() / dirs_a.double().norm(dim=-1, keepdim=True)
+    b = dirs_b.double() / dirs_b.double().norm(dim=-1, keepdim=True)
+    best_dir = (a @ b.T).argmax(1)  # [4]
+    for s in range(3):
+        for i in range(pick_a.shape[1]):
+            j = int((pick_b[s] == best_dir[pick_a[s, i]]).int().argmax())
+            if (pick_b[s] == best_dir[pick_a[s, i]]).any():
+                assert dest[s, 2 * i] == dest[s, 2 * j + 1]
+
+
+def test_dest_round_trip_gives_group_means():
+    x = torch.randn(2, 301, 10)
+    metric = torch.randn(2, 301, 12)
+    size = torch.rand(2, 301) + 0.5
+    merged, merged_size, dest = mmfast.ops.bipartite_merge(x, metric, 100, size=size)
+    # Independently: sum size * x over each dest group.
+    sums = torch.zeros(2, 201, 10, dtype=torch.float64).scatter_add_(
+        1, dest[..., None].expand(-1, -1, 10), (x * size[..., None]).double())
+    weights = torch.zeros(2, 201, dtype=torch.float64).scatter_add_(1, dest, size.double())
+    unmerged = merged.gather(1, dest[..., None].expand(-1, -1, 10))
+    expected = (sums / weights[..., None]).gather(1, dest[..., None].expand(-1, -1, 10))
+    assert_close(unmerged, expected, atol=1e-5, rtol=1e-5, name="unmerged")
+    assert_close(merged_size, weights, atol=1e-5, rtol=1e-5, name="merged_size")
+    # Every output row is used; B (odd) tokens always survive, in their input order.
+    for b in range(2):
+        counts = torch.bincount(dest[b], minlength=201)
+        assert counts.shape == (201,) and (counts >= 1).all()
+        assert (dest[b, 1::2].diff() > 0).all()
+
+
+def test_protect_first_keeps_token_zero_alone():
+    x = torch.randn(4, 97, 8)
+    metric = torch.randn(4, 97, 8)
+    metric[:, 0] = metric[:, 1]  # token 0 would merge first without protection
+    _, _, dest = mmfast.ops.bipartite_merge(x, metric, 48, protect_first=True)
+    assert (dest[:, 0] == 0).all() and ((dest == 0).sum(1) == 1).all()
+    _, _, dest = mmfast.ops.bipartite_merge(x, metric, 48)
+    assert (dest[:, 0] == dest[:, 1]).all()
+
+
+def test_zero_metric_rows_have_similarity_zero():
+    x = torch.randn(1, 40, 4)
+    metric = torch.randn(1, 40, 8)
+    metric[:, 3] = 0
+    metric[:, 10] = 0
+    _check_against_reference(x, metric, 12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_gradient_matches_reference(dtype):
+    for s in sample_inputs("bipartite_merge", dtype=dtype, requires_grad=True):
+        x, metric, r = s.args
+        merged, _, _ = mmfast.ops.bipartite_merge(x, metric, r, **s.kwargs)
+        grad = torch.randn_like(merged)
+        merged.backward(grad)
+        x64 = x.detach().double().requires_grad_()
+        ref, _, _ = reference.bipartite_merge(x64, metric, r, **s.kwargs)
+        ref.backward(grad.double())
+        atol, rtol = tol(dtype)
+        assert_close(x.grad, x64.grad, atol=atol, rtol=rtol, name=f"dx {s}")
+
+
+def test_opcheck():
+    op = torch.ops.mmfast.bipartite_merge.default
+    for s in sample_inputs("bipartite_merge", dtype=torch.float32, requires_grad=True):
+        torch.library.opcheck(op, s.args, s.kwargs)
+
+
+def test_torch_compile_forward_backward():
+    def f(x, metric, size):
+        merged, merged_size, dest = mmfast.ops.bipartite_merge(x, metric, 20, size=size,
+                                                               protect_first=True)
+        return (merged * merged_size[..., None]).sum()
+
+    x = torch.randn(2, 81, 12, requires_grad=True)
+    metric = torch.randn(2, 81, 16)
+    size = torch.rand(2, 81) + 1
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    out = compiled(x, metric, size)
+    (gx,) = torch.autograd.grad(out, x)
+    x2 = x.detach().requires_grad_()
+    (gx_eager,) = torch.autograd.grad(f(x2, metric, size), x2)
+    assert_close(out, f(x, metric, size).detach(), atol=1e-4, rtol=1e-5)
+    assert_close(gx, gx_eager, atol=1e-6, rtol=1e-6)
+
+
+def test_noncontiguous_inputs():
+    x = torch.randn(2, 99, 14)
+    metric = torch.randn(2, 99, 10)
+    a = mmfast.ops.bipartite_merge(noncontiguous(x), noncontiguous(metric), 30)
+    b = mmfast.ops.bipartite_merge(x, metric, 30)
+    for u, v in zip(a, b):
+        assert torch.equal(u, v)
+
+
+def test_deterministic():
+    x = torch.randn(3, 577, 40)
+    metric = torch.randn(3, 577, 32)
+    first = mmfast.ops.bipartite_merge(x, metric, 200)
+    for _ in range(2):
+        again = mmfast.ops.bipartite_merge(x, metric, 200)
+        assert all(torch.equal(u, v) for u, v in zip(first, again))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(r=41), "r must be in"),
+    (dict(r=-1), "r must be in"),
+    (dict(r=40, protect_first=True, x=torch.randn(2, 80, 6), metric=torch.randn(2, 80, 8)),
+     "r must be in"),
+    (dict(metric=torch.randn(2, 80, 8)), "metric must have shape"),
+    (dict(metric=torch.randn(2, 81)), "metric must have shape"),
+    (dict(x=torch.randn(2, 81)), "x must have shape"),
+    (dict(x=torch.randint(0, 5, (2, 81, 6))), "x must be float32"),
+    (dict(metric=torch.randn(2, 81, 8, dtype=torch.float64)), "metric dtype"),
+    (dict(size=torch.ones(2, 80)), "size must have shape"),
+    (dict(size=torch.ones(2, 81, dtype=torch.int32)), "size must be float32"),
+])
+def test_bad_input_names_the_argument(bad, match):
+    args = dict(x=torch.randn(2, 81, 6), metric=torch.randn(2, 81, 8), r=10)
+    args.update(bad)
+    kwargs = {k: args.pop(k) for k in ("size", "protect_first") if k in args}
+    with pytest.raises((ValueError, RuntimeError), match=match):
+        mmfast.ops.bipartite_merge(args["x"], args["metric"], args["r"], **kwargs)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("r", [0, 5])
+def test_non_finite_metric_is_an_error(value, r):
+    metric = torch.randn(2, 81, 8)
+    metric[1, 17, 3] = value
+    with pytest.raises(ValueError, match=r"metric has a non-finite value at \[1, 17, 3\]"):
+        mmfast.ops.bipartite_merge(torch.randn(2, 81, 6), metric, r)
+
+
+def test_large_finite_metric_is_not_mistaken_for_non_finite():
+    # The float32 sum of squares overflows; the norm is then taken in float64.
+    metric = torch.randn(1, 33, 8)
+    x = torch.randn(1, 33, 4)
+    big = metric.clone()
+    big[0, 5] *= 1e19
+    _check_against_reference(x, big, 10)
