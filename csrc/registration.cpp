@@ -40,7 +40,7 @@ TORCH_LIBRARY(mmfast, m) {
   // merged_size [B, N-r] float32, dest [B, N] int64); prune_tokens returns (kept, index).
   m.def("bipartite_merge(Tensor x, Tensor metric, int r, Tensor? size=None, bool protect_first=False) -> (Tensor, Tensor, Tensor)");
   m.def("bipartite_merge_backward(Tensor grad_merged, Tensor dest, Tensor? size, Tensor merged_size) -> Tensor");
-  m.def("_bipartite_merge_cuda(Tensor x, Tensor node_max, Tensor node_idx, int r, Tensor? size) -> (Tensor, Tensor, Tensor)");
+  m.def("_bipartite_merge_cuda(Tensor x, Tensor perm, Tensor starts, Tensor? size) -> (Tensor, Tensor)");
   m.def("_bipartite_merge_backward_cuda(Tensor grad_merged, Tensor dest, Tensor? size, Tensor merged_size) -> Tensor");
   m.def("prune_tokens(Tensor x, Tensor scores, int keep) -> (Tensor, Tensor)");
   m.def("prune_tokens_backward(Tensor grad_kept, Tensor index, int n) -> Tensor");

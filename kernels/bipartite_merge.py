@@ -1,4 +1,6 @@
-"""Triton kernel of bipartite_merge's matching step: every A token's best B token.
+"""Triton kernels of bipartite_merge: the matching step (every A token's best B token), and a
+Triton form of the segmented merge and its backward (the CUDA C++ form is
+csrc/cuda/bipartite_merge.cu).
 
 For sample b, A token i (token 2i) and B token j (token 2j+1) of metric m [B, N, K]:
     s[i, j]     = (m[2i] . m[2j+1]) * inv_b[j]           inv_b[j] = 1 / |m[2j+1]| (0 if zero)
@@ -81,6 +83,99 @@ def bipartite_best_match_kernel(
     tl.store(idx_ptr + bat * na + i, arg.to(tl.int64), mask=i_ok)
 
 
+@triton.jit
+def bipartite_merge_groups_kernel(
+    x_ptr,       # [B, N, C] contiguous
+    w_ptr,       # [B, N] float32 token sizes
+    perm_ptr,    # [B, N] int64: tokens grouped by output row, in token order
+    starts_ptr,  # [B, M + 1] int64: row o's tokens are perm[starts[o] .. starts[o + 1])
+    out_ptr,     # [B, M, C]
+    size_ptr,    # [B, M] float32 out
+    N, M, C,
+    BLOCK_C: tl.constexpr,
+):
+    """merged[b, o, c] = sum_t w[t] x[b, t, c] / sum_t w[t] over row o's tokens, summed in
+    token order (deterministic); a row of one token is copied exactly."""
+    o = tl.program_id(0)
+    bat = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    s0 = tl.load(starts_ptr + bat * (M + 1) + o)
+    s1 = tl.load(starts_ptr + bat * (M + 1) + o + 1)
+    acc = tl.zeros([BLOCK_C], tl.float32)
+    total = 0.0
+    for p in range(s0, s1):
+        t = tl.load(perm_ptr + bat * N + p)
+        wt = tl.load(w_ptr + bat * N + t)
+        acc += wt * tl.load(x_ptr + (bat * N + t) * C + cols, mask=cmask, other=0.0).to(tl.float32)
+        total += wt
+    first = tl.load(perm_ptr + bat * N + s0)
+    single = tl.load(x_ptr + (bat * N + first) * C + cols, mask=cmask, other=0.0)
+    res = tl.where(s1 - s0 == 1, single.to(tl.float32), acc / total)
+    tl.store(out_ptr + (bat * M + o) * C + cols, res.to(out_ptr.dtype.element_ty), mask=cmask)
+    if tl.program_id(2) == 0:
+        tl.store(size_ptr + bat * M + o, total)
+
+
+@triton.jit
+def bipartite_merge_backward_kernel(
+    g_ptr,      # [B, M, C] gradient of merged
+    dest_ptr,   # [B, N] int64
+    w_ptr,      # [B, N] float32 token sizes
+    ms_ptr,     # [B, M] float32 merged sizes
+    dx_ptr,     # [B, N, C] out
+    N, M, C,
+    BLOCK_C: tl.constexpr,
+):
+    """dx[b, t, c] = g[b, dest[t], c] * w[t] / merged_size[dest[t]]."""
+    t = tl.program_id(0)
+    bat = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
+    cmask = cols < C
+    o = tl.load(dest_ptr + bat * N + t)
+    f = tl.load(w_ptr + bat * N + t) / tl.load(ms_ptr + bat * M + o)
+    g = tl.load(g_ptr + (bat * M + o) * C + cols, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(dx_ptr + (bat * N + t) * C + cols, (g * f).to(dx_ptr.dtype.element_ty), mask=cmask)
+
+
+MERGE_BLOCK_C = 256
+
+
+def _weights(size, x):
+    if size is None:
+        return torch.ones(x.shape[:2], device=x.device, dtype=torch.float32)
+    return size.to(torch.float32).contiguous()
+
+
+def merge_groups(x, perm, starts, size):
+    """Triton form of mmfast::_bipartite_merge_cuda: (merged [B, M, C], merged_size [B, M])."""
+    x = x.contiguous()
+    bsz, n, c = x.shape
+    m = starts.shape[1] - 1
+    merged = torch.empty(bsz, m, c, device=x.device, dtype=x.dtype)
+    merged_size = torch.empty(bsz, m, device=x.device, dtype=torch.float32)
+    if bsz and m:
+        # At least one column block, so that merged_size is written even when C == 0.
+        grid = (m, bsz, max(1, triton.cdiv(c, MERGE_BLOCK_C)))
+        bipartite_merge_groups_kernel[grid](x, _weights(size, x), perm.contiguous(),
+                                            starts.contiguous(), merged, merged_size, n, m, c,
+                                            BLOCK_C=MERGE_BLOCK_C)
+    return merged, merged_size
+
+
+def merge_backward(grad, dest, size, merged_size):
+    grad = grad.contiguous()
+    bsz, m, c = grad.shape
+    n = dest.shape[1]
+    dx = torch.empty(bsz, n, c, device=grad.device, dtype=grad.dtype)
+    if bsz and n and c:
+        grid = (n, bsz, triton.cdiv(c, MERGE_BLOCK_C))
+        bipartite_merge_backward_kernel[grid](grad, dest.contiguous(), _weights(size, dx),
+                                              merged_size.contiguous(), dx, n, m, c,
+                                              BLOCK_C=MERGE_BLOCK_C)
+    return dx
+
+
 def inverse_norms(metric: torch.Tensor) -> torch.Tensor:
     """[B, N] float32: 1 / |metric row|, 0 for a zero row."""
     norm = torch.linalg.vector_norm(metric, dim=-1, dtype=torch.float32)
@@ -121,5 +216,15 @@ def _spec(config, precision, dtypes):
                    uses_dot=True, dtypes=dtypes)
 
 
-register_aot(_spec(CONFIGS["16bit"], "ieee", ("fp16", "bf16")),
-             _spec(CONFIGS["fp32"], "tf32x3", ("fp32",)))
+register_aot(
+    _spec(CONFIGS["16bit"], "ieee", ("fp16", "bf16")),
+    _spec(CONFIGS["fp32"], "tf32x3", ("fp32",)),
+    AotSpec(bipartite_merge_groups_kernel,
+            {"x_ptr": "*{dt}", "w_ptr": "*fp32", "perm_ptr": "*i64", "starts_ptr": "*i64",
+             "out_ptr": "*{dt}", "size_ptr": "*fp32", "N": "i32", "M": "i32", "C": "i32"},
+            {"BLOCK_C": MERGE_BLOCK_C}, num_warps=4),
+    AotSpec(bipartite_merge_backward_kernel,
+            {"g_ptr": "*{dt}", "dest_ptr": "*i64", "w_ptr": "*fp32", "ms_ptr": "*fp32",
+             "dx_ptr": "*{dt}", "N": "i32", "M": "i32", "C": "i32"},
+            {"BLOCK_C": MERGE_BLOCK_C}, num_warps=4),
+)

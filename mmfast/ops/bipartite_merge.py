@@ -81,3 +81,104 @@ def _backward(ctx, grad_merged, grad_size, grad_dest):
 
 torch.library.register_autograd("mmfast::bipartite_merge", _backward,
                                 setup_context=_setup_context)
+
+
+# --- CUDA: Triton matching, then the selection (deterministic torch sorts and scans), then
+# the segmented merge in CUDA C++ (16-byte vectors) or Triton -----------------------------
+
+def _select(node_max, node_idx, n, r):
+    """Which tokens merge, from each A token's best match: (dest [B, N], perm [B, N],
+    starts [B, N - r + 1]); row o's tokens are perm[starts[o] .. starts[o + 1]), by index."""
+    bsz = node_max.shape[0]
+    # A stable sort keeps equal scores in index order: ToMe's choice, ties to the lower index.
+    order = torch.sort(node_max, dim=1, descending=True, stable=True).indices
+    src = 2 * order[:, :r]                                  # merged A tokens (token index)
+    dst = 2 * node_idx.gather(1, order[:, :r]) + 1          # their B tokens
+    survives = torch.ones(bsz, n, dtype=torch.int64, device=node_max.device)
+    survives.scatter_(1, src, 0)
+    row = survives.cumsum(1) - 1
+    dest = (row * survives).scatter_(1, src, row.gather(1, dst))
+    sorted_dest, perm = torch.sort(dest, dim=1, stable=True)
+    bounds = torch.arange(n - r + 1, device=dest.device).expand(bsz, -1).contiguous()
+    starts = torch.searchsorted(sorted_dest, bounds)
+    return dest, perm, starts
+
+
+def _match(x, metric, r, size, protect_first):
+    from mmfast.kernels.bipartite_merge import best_matches, inverse_norms
+
+    if not bool(torch.isfinite(metric).all()):  # a host sync: NaN must not merge silently
+        bad = (~torch.isfinite(metric)).nonzero()[0].tolist()
+        raise ValueError(f"bipartite_merge: metric has a non-finite value at {bad}; "
+                         "similarities would be NaN")
+    n = x.shape[1]
+    if r == 0:
+        node_max = metric.new_zeros(x.shape[0], (n + 1) // 2, dtype=torch.float32)
+        node_idx = node_max.long()
+    else:
+        node_max, node_idx = best_matches(metric, inverse_norms(metric), protect_first)
+    return _select(node_max, node_idx, n, r)
+
+
+def _cuda_merge_reasons(*args):
+    return _backend.cuda_kernels_available() + _backend.triton_available()
+
+
+def _triton_reasons(*args):
+    return _backend.triton_available()
+
+
+def _run_cuda(x, metric, r, size, protect_first):
+    dest, perm, starts = _match(x, metric, r, size, protect_first)
+    merged, merged_size = torch.ops.mmfast._bipartite_merge_cuda(x, perm, starts, size)
+    return merged, merged_size, dest
+
+
+def _run_triton(x, metric, r, size, protect_first):
+    from mmfast.kernels.bipartite_merge import merge_groups
+
+    dest, perm, starts = _match(x, metric, r, size, protect_first)
+    merged, merged_size = merge_groups(x, perm, starts, size)
+    return merged, merged_size, dest
+
+
+def _run_triton_backward(grad_merged, dest, size, merged_size):
+    from mmfast.kernels.bipartite_merge import merge_backward
+
+    if dest.numel() and not (0 <= int(dest.min()) and int(dest.max()) < grad_merged.shape[1]):
+        raise IndexError(f"bipartite_merge_backward: dest has values outside "
+                         f"[0, {grad_merged.shape[1]})")
+    return merge_backward(grad_merged, dest, size, merged_size)
+
+
+FORWARD_IMPLS = (
+    _backend.Implementation("triton-match+cuda-merge", "cuda", _cuda_merge_reasons, _run_cuda),
+    _backend.Implementation("triton", "triton", _triton_reasons, _run_triton),
+)
+BACKWARD_IMPLS = (
+    _backend.Implementation("cuda-vec16", "cuda", lambda *a: _backend.cuda_kernels_available(),
+                            lambda *a: torch.ops.mmfast._bipartite_merge_backward_cuda(*a)),
+    _backend.Implementation("triton", "triton", _triton_reasons, _run_triton_backward),
+)
+
+
+def _check_backward(grad_merged, dest, size, merged_size):
+    op = "bipartite_merge_backward"
+    if grad_merged.dim() != 3 or dest.dim() != 2 or dest.shape[0] != grad_merged.shape[0]:
+        raise ValueError(f"{op}: grad_merged must be [B, M, C] and dest [B, N], got "
+                         f"{list(grad_merged.shape)} and {list(dest.shape)}")
+    if merged_size.shape != grad_merged.shape[:2] or merged_size.dtype != torch.float32:
+        raise ValueError(f"{op}: merged_size must be float32 {list(grad_merged.shape[:2])}")
+
+
+@torch.library.register_kernel("mmfast::bipartite_merge", "cuda")
+def _bipartite_merge_cuda(x, metric, r, size=None, protect_first=False):
+    _check(x, metric, r, size, protect_first)
+    return _backend.dispatch("bipartite_merge", FORWARD_IMPLS, x, metric, r, size, protect_first)
+
+
+@torch.library.register_kernel("mmfast::bipartite_merge_backward", "cuda")
+def _bipartite_merge_backward_cuda(grad_merged, dest, size, merged_size):
+    _check_backward(grad_merged, dest, size, merged_size)
+    return _backend.dispatch("bipartite_merge_backward", BACKWARD_IMPLS, grad_merged, dest, size,
+                             merged_size)

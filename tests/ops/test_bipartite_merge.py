@@ -204,3 +204,48 @@ def test_large_finite_metric_is_not_mistaken_for_non_finite():
     big = metric.clone()
     big[0, 5] *= 1e19
     _check_against_reference(x, big, 10)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_path_in_interpreter(dtype):
+    """The CUDA path (Triton matching, torch selection, Triton segmented merge and backward)
+    run by the Triton interpreter on CPU tensors."""
+    import importlib
+
+    op = importlib.import_module("mmfast.ops.bipartite_merge")
+
+    for b, n, c, cm, r, sized, protect in [(2, 67, 9, 20, 30, True, True), (1, 40, 4, 70, 20, False, False),
+                                           (2, 9, 3, 5, 0, True, False)]:
+        x = torch.randn(b, n, c, dtype=dtype)
+        metric = torch.randn(b, n, cm, dtype=dtype)
+        size = torch.randint(1, 4, (b, n)).to(dtype) if sized else None
+        merged, merged_size, dest = op._run_triton(x, metric, r, size, protect)
+        ref, ref_size, ref_dest = _ref64(x, metric, r, size=size, protect_first=protect)
+        assert torch.equal(dest, ref_dest)
+        atol, rtol = tol(dtype)
+        assert_close(merged, ref, atol=atol, rtol=rtol, name="merged")
+        assert_close(merged_size, ref_size, atol=1e-6, rtol=1e-6, name="merged_size")
+        grad = torch.randn_like(merged)
+        dx = op._run_triton_backward(grad, dest, size, merged_size)
+        assert_close(dx, torch.ops.mmfast.bipartite_merge_backward(grad, dest, size, merged_size),
+                     atol=atol, rtol=rtol, name="dx")
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_cuda_matches_reference(backend, dtype):
+    with mmfast.backend(backend):
+        for s in sample_inputs("bipartite_merge", device="cuda", dtype=dtype, requires_grad=True):
+            x, metric, r = s.args
+            merged, merged_size, dest = mmfast.ops.bipartite_merge(x, metric, r, **s.kwargs)
+            kwargs = {k: (v.cpu() if torch.is_tensor(v) else v) for k, v in s.kwargs.items()}
+            ref, ref_size, ref_dest = _ref64(x.cpu(), metric.cpu(), r, **kwargs)
+            assert torch.equal(dest.cpu(), ref_dest), s
+            atol, rtol = tol(dtype)
+            assert_close(merged, ref, atol=atol, rtol=rtol, name=f"merged {s}")
+            assert_close(merged_size, ref_size, atol=1e-6, rtol=1e-6, name=f"size {s}")
+            merged.backward(torch.ones_like(merged))
+            x64 = x.detach().cpu().double().requires_grad_()
+            reference.bipartite_merge(x64, metric.cpu(), r, **kwargs)[0].sum().backward()
+            assert_close(x.grad, x64.grad, atol=atol, rtol=rtol, name=f"dx {s}")
