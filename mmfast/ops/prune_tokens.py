@@ -2,6 +2,7 @@
 
 import torch
 
+from mmfast import _backend
 from mmfast.ops._checks import check_float
 
 
@@ -56,3 +57,51 @@ def _backward(ctx, grad_kept, grad_index):
 
 
 torch.library.register_autograd("mmfast::prune_tokens", _backward, setup_context=_setup_context)
+
+
+# --- CUDA: selection by a stable torch sort, rows moved by the Triton gather/scatter --------
+
+def _select(scores, keep):
+    if bool(torch.isnan(scores).any()):  # a host sync: the ranking would be undefined
+        bad = torch.isnan(scores).nonzero()[0].tolist()
+        raise ValueError(f"prune_tokens: scores{bad} is NaN; the ranking would be undefined")
+    order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+    return order[:, :keep].sort(dim=1).values
+
+
+def _run_triton(x, scores, keep):
+    from mmfast.kernels.prune_tokens import gather
+
+    index = _select(scores, keep)
+    return gather(x, index), index
+
+
+def _run_triton_backward(grad_kept, index, n):
+    from mmfast.kernels.prune_tokens import scatter
+
+    if index.numel() and not (0 <= int(index.min()) and int(index.max()) < n):
+        raise IndexError(f"prune_tokens_backward: index has values outside [0, {n})")
+    return scatter(grad_kept, index, n)
+
+
+def _triton_reasons(*args):
+    return _backend.triton_available()
+
+
+FORWARD_IMPLS = (_backend.Implementation("triton", "triton", _triton_reasons, _run_triton),)
+BACKWARD_IMPLS = (_backend.Implementation("triton", "triton", _triton_reasons,
+                                          _run_triton_backward),)
+
+
+@torch.library.register_kernel("mmfast::prune_tokens", "cuda")
+def _prune_tokens_cuda(x, scores, keep):
+    _check(x, scores, keep)
+    return _backend.dispatch("prune_tokens", FORWARD_IMPLS, x, scores, keep)
+
+
+@torch.library.register_kernel("mmfast::prune_tokens_backward", "cuda")
+def _prune_tokens_backward_cuda(grad_kept, index, n):
+    if grad_kept.dim() != 3 or index.shape != grad_kept.shape[:2]:
+        raise ValueError(f"prune_tokens_backward: index must be [B, keep] = "
+                         f"{list(grad_kept.shape[:2])}, got {list(index.shape)}")
+    return _backend.dispatch("prune_tokens_backward", BACKWARD_IMPLS, grad_kept, index, n)

@@ -70,3 +70,31 @@ def test_opcheck_and_compile():
 def test_bad_input_names_the_argument(args, match):
     with pytest.raises((ValueError, RuntimeError), match=match):
         mmfast.ops.prune_tokens(*args)
+
+
+def test_triton_path_in_interpreter():
+    import importlib
+
+    op = importlib.import_module("mmfast.ops.prune_tokens")
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(2, 37, 5, dtype=dtype)
+        scores = torch.randn(2, 37, dtype=dtype)
+        kept, index = op._run_triton(x, scores, 11)
+        ref_kept, ref_index = reference.prune_tokens(x, scores, 11)
+        assert torch.equal(index, ref_index) and torch.equal(kept, ref_kept)
+        grad = torch.randn_like(kept)
+        assert torch.equal(op._run_triton_backward(grad, index, 37),
+                           torch.ops.mmfast.prune_tokens_backward(grad, index, 37))
+
+
+@pytest.mark.cuda
+def test_cuda_matches_reference():
+    for dtype in DTYPES:
+        for s in sample_inputs("prune_tokens", device="cuda", dtype=dtype, requires_grad=True):
+            x, scores, keep = s.args
+            kept, index = mmfast.ops.prune_tokens(x, scores, keep)
+            ref_kept, ref_index = reference.prune_tokens(x.detach().cpu(), scores.cpu(), keep)
+            assert torch.equal(index.cpu(), ref_index) and torch.equal(kept.detach().cpu(), ref_kept)
+            kept.sum().backward()
+            assert torch.equal(x.grad.cpu().sum(-1) != 0, torch.zeros(x.shape[:2], dtype=torch.bool)
+                               .scatter_(1, ref_index, True)) or x.shape[2] == 0
