@@ -2,16 +2,15 @@
 // soft matching + size-weighted merge).
 //
 // Forward, per sample: (1) inverse L2 norms of the metric rows (non-finite rows are an error);
-// (2) for tiles of kTileA A tokens against blocks of kTileB B tokens, the raw dot products
-// a . b come from one brgemm call into a small float32 tile, which is reduced at once to each
-// A token's best (a . b) / |b| and its first index: the A x B matrix never exists; (3) the r
+// (2) for tiles of kTileA A tokens, bfloat16 brgemm calls fill a strip of approximate scores
+// (a . b) / |b| against every B token, and the few B tokens near each row's maximum are
+// re-scored exactly in float32 (see best_matches): the A x B matrix never exists; (3) the r
 // best A tokens by (score desc, index asc); (4) every output row is the size-weighted mean of
 // its group, summed in a fixed order (the row's own token, then its merged A tokens by index):
 // deterministic whatever the thread count.
 //
-// The GEMM runs on the metric as given (bfloat16 products are exact in float32; float16 is
-// widened to float32), and norms scale the result afterwards, so the choice of merged tokens
-// differs from an exact (float64) computation only by float32 accumulation error.
+// Norms scale the dot products afterwards, so the choice of merged tokens differs from an
+// exact (float64) computation only by the float32 rounding of one dot product per pair.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
@@ -34,8 +33,7 @@ namespace mmfast::cpu {
 
 namespace {
 
-constexpr int64_t kTileA = 32;   // A tokens per GEMM tile (rows of the float32 tile)
-constexpr int64_t kTileB = 256;  // B tokens per GEMM tile: a 32 x 256 tile is 32 KiB
+constexpr int64_t kTileA = 64;  // A tokens per GEMM tile: rows of the float32 strip
 
 double element_as_double(at::ScalarType dtype, const char* row, int64_t c) {
   switch (dtype) {
@@ -75,25 +73,20 @@ at::Tensor inverse_norms(const at::Tensor& metric) {  // metric [B, N, Cm], unit
   return inv;
 }
 
-// GEMM operands laid out for brgemm: A rows as they are (row stride lda), B transposed to
-// [K, Nb] (float32) or to bfloat16 VNNI pairs [K/2, Nb, 2].
+// bfloat16 GEMM operands laid out for brgemm: A rows [B, Na, K] (row stride lda) and B as
+// VNNI pairs [B, K/2, Nb, 2]; K is even (zero padded).
 struct SimilarityOperands {
-  at::Tensor a;   // [B, Na, K] unit last stride
-  at::Tensor bt;  // [B, K, Nb] float32, or [B, K/2, Nb, 2] bfloat16
+  at::Tensor a;
+  at::Tensor bt;
   int64_t k;
-  bool vnni;
 };
 
-// B^T: b [B, Nb, K] viewed as rows of 32-bit words (K floats, or K/2 bfloat16 pairs),
-// transposed to [B, words, Nb] words.
-at::Tensor transpose_words(const at::Tensor& b, bool pairs) {
-  const int64_t bsz = b.size(0), nb = b.size(1);
-  const int64_t words = pairs ? b.size(2) / 2 : b.size(2);
-  const int64_t ld_src = pairs ? b.stride(1) / 2 : b.stride(1);
-  auto bt = pairs ? at::empty({bsz, words, nb, 2}, b.options())
-                  : at::empty({bsz, words, nb}, b.options());
+// b [B, Nb, K] bfloat16, viewed as rows of K/2 32-bit pairs, transposed to [B, K/2, Nb, 2]:
+// the VNNI layout.
+at::Tensor vnni_pack(const at::Tensor& b) {
+  const int64_t bsz = b.size(0), nb = b.size(1), words = b.size(2) / 2;
+  auto bt = at::empty({bsz, words, nb, 2}, b.options());
   const auto transpose = MMFAST_PICK_ISA(transpose32);
-  const int64_t esize = b.element_size();
   const char* src = static_cast<const char*>(b.const_data_ptr());
   char* dst = static_cast<char*>(bt.mutable_data_ptr());
   constexpr int64_t kRows = 64;  // rows of b per task
@@ -101,7 +94,7 @@ at::Tensor transpose_words(const at::Tensor& b, bool pairs) {
   at::parallel_for(0, bsz * blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t i = t / blocks, r0 = (t % blocks) * kRows;
-      transpose(src + (i * b.stride(0) + r0 * b.stride(1)) * esize, ld_src,
+      transpose(src + (i * b.stride(0) + r0 * b.stride(1)) * 2, b.stride(1) / 2,
                 dst + (i * words * nb + r0) * 4, nb, std::min(kRows, nb - r0), words);
     }
   });
@@ -110,82 +103,102 @@ at::Tensor transpose_words(const at::Tensor& b, bool pairs) {
 
 SimilarityOperands pack_operands(const at::Tensor& metric) {
   const int64_t n = metric.size(1);
-  auto a = metric.slice(1, 0, n, 2);  // [B, Na, Cm]
-  auto b = metric.slice(1, 1, n, 2);  // [B, Nb, Cm]
-  const bool vnni = metric.scalar_type() == at::kBFloat16;
-  if (vnni && metric.size(2) % 2) {  // VNNI pairs along K: pad one zero column
-    a = at::constant_pad_nd(a, {0, 1});
-    b = at::constant_pad_nd(b, {0, 1});
-  }
-  if (!vnni) {  // float16 has no fast GEMM here: widen (exactly) to float32
-    a = a.to(at::kFloat);
-    b = b.to(at::kFloat);
-  }
-  if (a.stride(2) != 1) a = a.contiguous();
-  if (b.stride(2) != 1 || (vnni && b.stride(1) % 2)) b = b.contiguous();
-  return {a, transpose_words(b, vnni), a.size(2), vnni};
+  // float32/float16 are rounded to bfloat16 for the GEMM (its products are then exact, and
+  // it runs at twice the float32 rate); best_matches re-scores the near-best candidates
+  // exactly, so the rounding never changes the result.
+  auto m16 = metric.to(at::kBFloat16);
+  if (m16.size(2) % 2) m16 = at::constant_pad_nd(m16, {0, 1});  // VNNI pairs along K
+  if (m16.stride(2) != 1 || m16.stride(1) % 2) m16 = m16.contiguous();
+  auto a = m16.slice(1, 0, n, 2);  // [B, Na, K]
+  auto b = m16.slice(1, 1, n, 2);  // [B, Nb, K]
+  return {a, vnni_pack(b), a.size(2)};
 }
 
-void tile_gemm(const SimilarityOperands& ops, int64_t b, int64_t i0, int64_t m, int64_t j0,
-               int64_t nb, float* tile) {
-  const int64_t lda = ops.a.stride(1);
-  const int64_t ldb = ops.bt.size(2);  // Nb in both layouts
-  if (ops.vnni) {
-    const auto* a = ops.a.const_data_ptr<at::BFloat16>() + b * ops.a.stride(0) + i0 * lda;
-    const auto* bt = ops.bt.const_data_ptr<at::BFloat16>() + b * ops.bt.stride(0) + j0 * 2;
-    at::native::cpublas::brgemm(m, nb, ops.k, lda, ldb, kTileB, false, a, bt, tile, true);
-  } else {
-    const auto* a = ops.a.const_data_ptr<float>() + b * ops.a.stride(0) + i0 * lda;
-    const auto* bt = ops.bt.const_data_ptr<float>() + b * ops.bt.stride(0) + j0;
-    at::native::cpublas::brgemm(m, nb, ops.k, lda, ldb, kTileB, false, a, bt, tile, false);
-  }
+// Relative error bound (in units of |a| |b|) of a dot product computed from operands rounded
+// to bfloat16 (unit roundoff 2^-8 each, when `rounded`) and summed in float32 over k terms,
+// with margin for the float32 scaling by the inverse norms.
+double dot_error_bound(int64_t k, bool rounded) {
+  const double u16 = rounded ? std::ldexp(1.0, -8) : 0.0;
+  const double gamma = 1.01 * static_cast<double>(k + 2) * std::ldexp(1.0, -24);
+  return 2.0 * u16 + u16 * u16 + gamma + std::ldexp(1.0, -20);
 }
+
+// B tokens per brgemm call into the strip: a 256-token bfloat16 panel of K = 1024 is 512 KiB,
+// half of this CPU's L2.
+constexpr int64_t kStripCols = 256;
 
 // node_max[b, i] = max_j cos(a_i, b_j), node_idx[b, i] = the first j reaching it.
+//
+// Per tile of kTileA A tokens, one bfloat16 GEMM fills a strip [kTileA, Nb] of approximate
+// scores s~_j = (a . b_j)~ / |b_j| (a strip per tile, never the A x B matrix). With e the
+// error bound of s~ and of the exact float32 score s, every j whose s~_j is within 2e|a| of
+// the strip's maximum is re-scored exactly (a float32 dot of the metric rows as given); the
+// best of those, lowest index on ties, is the argmax of s over all j. Exact scores depend
+// only on the two rows, so equal rows give equal scores wherever they sit in a tile.
 void best_matches(const at::Tensor& metric, const at::Tensor& inv_norm, float* node_max,
                   int64_t* node_idx, bool protect_first) {
-  const int64_t bsz = metric.size(0), n = metric.size(1);
+  const int64_t bsz = metric.size(0), n = metric.size(1), cm = metric.size(2);
   const int64_t na = (n + 1) / 2, nb = n / 2;
   const float* inv = inv_norm.const_data_ptr<float>();
-  if (nb == 0 || metric.size(2) == 0) {  // no partner, or all similarities 0
+  if (nb == 0 || cm == 0) {  // no partner, or all similarities 0
     std::fill(node_max, node_max + bsz * na, nb == 0 ? -INFINITY : 0.0f);
     std::fill(node_idx, node_idx + bsz * na, 0);
   } else {
     const auto ops = pack_operands(metric);
-    // 1/|b_j| contiguous per sample, for the tile reduction's inner loop.
     const auto inv_b_all = inv_norm.slice(1, 1, n, 2).contiguous();  // [B, Nb]
     const int64_t tiles = (na + kTileA - 1) / kTileA;
+    const auto dot = MMFAST_PICK_ISA(row_dot);
+    const auto scale_max = MMFAST_PICK_ISA(scale_and_max);
+    const auto at_least = MMFAST_PICK_ISA(indices_at_least);
+    const auto dtype = metric.scalar_type();
+    const int64_t esize = metric.element_size();
+    const char* mbase = static_cast<const char*>(metric.const_data_ptr());
+    // Twice (approximate + exact score errors), in units of |a|.
+    const float margin = static_cast<float>(
+        2.0 * (dot_error_bound(cm, dtype != at::kBFloat16) + dot_error_bound(cm, false)));
     at::parallel_for(0, bsz * tiles, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> tile(kTileA * kTileB);
-      float best[kTileA];
-      int64_t arg[kTileA];
+      std::vector<float> strip(kTileA * nb);
+      std::vector<int64_t> candidates(nb);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / tiles, i0 = (t % tiles) * kTileA;
         const int64_t m = std::min(kTileA, na - i0);
-        std::fill(best, best + m, -INFINITY);
-        std::fill(arg, arg + m, 0);
         const float* inv_b = inv_b_all.const_data_ptr<float>() + b * nb;
-        for (int64_t j0 = 0; j0 < nb; j0 += kTileB) {
-          const int64_t cols = std::min(kTileB, nb - j0);
-          tile_gemm(ops, b, i0, m, j0, cols, tile.data());
-          const float* inv_bj = inv_b + j0;
-          for (int64_t i = 0; i < m; ++i) {
-            const float* row = tile.data() + i * kTileB;
-            for (int64_t j = 0; j < cols; ++j) {
-              const float s = row[j] * inv_bj[j];
-              if (s > best[i]) {  // strict: the lowest index wins a tie
-                best[i] = s;
-                arg[i] = j0 + j;
+        const auto* a16 = ops.a.const_data_ptr<at::BFloat16>() + b * ops.a.stride(0) +
+                          i0 * ops.a.stride(1);
+        const auto* bt16 = ops.bt.const_data_ptr<at::BFloat16>() + b * ops.bt.stride(0);
+        for (int64_t j0 = 0; j0 < nb; j0 += kStripCols) {
+          at::native::cpublas::brgemm(m, std::min(kStripCols, nb - j0), ops.k, ops.a.stride(1),
+                                      nb, nb, false, a16, bt16 + j0 * 2, strip.data() + j0,
+                                      true);
+        }
+        const char* mb = mbase + b * metric.stride(0) * esize;
+        for (int64_t i = 0; i < m; ++i) {
+          const int64_t tok_a = 2 * (i0 + i);
+          const float inv_a = inv[b * n + tok_a];
+          float* s = strip.data() + i * nb;
+          float best = -INFINITY;
+          int64_t arg = 0;
+          if (inv_a > 0.0f) {  // a zero row scores 0 everywhere: arg 0
+            const float top = scale_max(s, inv_b, nb);
+            const int64_t count = at_least(s, nb, top - margin / inv_a, candidates.data());
+            const char* row_a = mb + tok_a * metric.stride(1) * esize;
+            for (int64_t c = 0; c < count; ++c) {
+              const int64_t j = candidates[c];
+              const char* row_b = mb + (2 * j + 1) * metric.stride(1) * esize;
+              const float exact = dot(dtype, row_a, row_b, cm) * inv_b[j];
+              if (exact > best) {  // strict, in index order: the lowest index wins a tie
+                best = exact;
+                arg = j;
               }
             }
+          } else {
+            best = 0.0f;
           }
-        }
-        for (int64_t i = 0; i < m; ++i) {
-          node_max[b * na + i0 + i] = best[i] * inv[b * n + 2 * (i0 + i)];
-          node_idx[b * na + i0 + i] = arg[i];
+          node_max[b * na + i0 + i] = best * inv_a;
+          node_idx[b * na + i0 + i] = arg;
         }
       }
-      at::native::cpublas::brgemm_release(ops.vnni);
+      at::native::cpublas::brgemm_release(true);
     });
   }
   if (protect_first) {

@@ -8,6 +8,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -133,6 +134,58 @@ void scale_row(c10::ScalarType dtype, const void* src, float factor, void* dst, 
     using T = decltype(tag);
     scale(static_cast<const T*>(src), factor, static_cast<T*>(dst), n);
   });
+}
+
+float row_dot(c10::ScalarType dtype, const void* a, const void* b, int64_t n) {
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const T* pa = static_cast<const T*>(a);
+    const T* pb = static_cast<const T*>(b);
+    fVec s0(0.0f), s1(0.0f);
+    for (int64_t c = 0; c < n; c += kChunk) {
+      fVec a0, a1, b0, b1;
+      load_chunk(pa + c, n - c, a0, a1);
+      load_chunk(pb + c, n - c, b0, b1);
+      s0 = at::vec::fmadd(a0, b0, s0);
+      s1 = at::vec::fmadd(a1, b1, s1);
+    }
+    return at::vec::vec_reduce_all<float>([](fVec& x, fVec& y) { return x + y; }, s0 + s1);
+  });
+}
+
+float scale_and_max(float* s, const float* scale, int64_t n) {
+  fVec vmax(-std::numeric_limits<float>::infinity());
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    const fVec v = fVec::loadu(s + j) * fVec::loadu(scale + j);
+    v.store(s + j);
+    vmax = at::vec::maximum(vmax, v);
+  }
+  float m = at::vec::vec_reduce_all<float>(
+      [](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vmax);
+  for (; j < n; ++j) {
+    s[j] *= scale[j];
+    m = std::max(m, s[j]);
+  }
+  return m;
+}
+
+int64_t indices_at_least(const float* s, int64_t n, float floor, int64_t* out) {
+  int64_t count = 0;
+  int64_t j = 0;
+  const fVec f(floor);
+  for (; j + kW <= n; j += kW) {
+    // zero_mask: bit l set where lane l is all-zero, i.e. where s < floor.
+    const int below = (fVec::loadu(s + j) >= f).zero_mask();
+    if (below == (1 << kW) - 1) continue;
+    for (int64_t l = 0; l < kW; ++l) {
+      if (!((below >> l) & 1)) out[count++] = j + l;
+    }
+  }
+  for (; j < n; ++j) {
+    if (s[j] >= floor) out[count++] = j;
+  }
+  return count;
 }
 
 void transpose32(const void* src, int64_t ld_src, void* dst, int64_t ld_dst, int64_t rows,

@@ -29,3 +29,14 @@ MMFAST_DECLARE_ISA_KERNEL(
 MMFAST_DECLARE_ISA_KERNEL(
     void transpose32(const void* src, int64_t ld_src, void* dst, int64_t ld_dst, int64_t rows,
                      int64_t cols))
+
+// sum_c a[c] * b[c] with float32 accumulation (both rows of `dtype`).
+MMFAST_DECLARE_ISA_KERNEL(
+    float row_dot(c10::ScalarType dtype, const void* a, const void* b, int64_t n))
+
+// s[j] *= scale[j] for j < n; returns max_j s[j] (-inf for n = 0).
+MMFAST_DECLARE_ISA_KERNEL(float scale_and_max(float* s, const float* scale, int64_t n))
+
+// Writes the indices j < n with s[j] >= floor, ascending, to out; returns how many.
+MMFAST_DECLARE_ISA_KERNEL(
+    int64_t indices_at_least(const float* s, int64_t n, float floor, int64_t* out))
