@@ -249,3 +249,20 @@ def test_cuda_matches_reference(backend, dtype):
             x64 = x.detach().cpu().double().requires_grad_()
             reference.bipartite_merge(x64, metric.cpu(), r, **kwargs)[0].sum().backward()
             assert_close(x.grad, x64.grad, atol=atol, rtol=rtol, name=f"dx {s}")
+
+
+def test_near_ties_below_bfloat16_resolution():
+    # Directions on a circle: B tokens 0.02 rad apart, each A token a distinct small angle
+    # past one of them. Scores differ by ~1e-5: far above float32 rounding, far below what a
+    # bfloat16 GEMM resolves. The CPU kernel's bfloat16 GEMM only shortlists candidates; the
+    # exact re-scoring must still make ToMe's choice (best B, then ranking of the A tokens).
+    nb = 11
+    theta_b = torch.arange(nb, dtype=torch.float64) * 0.02
+    theta_a = theta_b[torch.randperm(nb)] + (torch.arange(nb) + 1) * 0.02 / 30
+    theta = torch.stack([theta_a, theta_b], dim=1).reshape(-1)  # A, B alternate
+    metric = torch.zeros(3, 2 * nb, 64, dtype=torch.float64)
+    metric[..., 0], metric[..., 1] = theta.cos(), theta.sin()
+    metric = (metric * (torch.rand(3, 2 * nb, 1, dtype=torch.float64) + 0.5)).float()
+    x = torch.randn(3, 2 * nb, 5)
+    for r in (1, 4, 7, 11):
+        _check_against_reference(x, metric, r)
