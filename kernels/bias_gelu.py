@@ -20,7 +20,7 @@ from mmfast.kernels.aot import AotSpec, register_aot
 
 
 BLOCK_R = 16
-BLOCK_C = 256
+BLOCK_C = 128
 
 
 @triton.jit
