@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -266,3 +270,29 @@ def test_near_ties_below_bfloat16_resolution():
     x = torch.randn(3, 2 * nb, 5)
     for r in (1, 4, 7, 11):
         _check_against_reference(x, metric, r)
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_each_isa_build(isa):
+    """The generic and AVX2 builds of the row loops (forced by MMFAST_CPU_ISA) make the same
+    choice and values as the reference; the rest of the suite runs the best build."""
+    code = (
+        "import torch, mmfast\n"
+        f"assert mmfast.cpu_isa() == '{isa}', mmfast.cpu_isa()\n"
+        "torch.manual_seed(0)\n"
+        "for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "  x = torch.randn(2, 301, 37, dtype=dt); m = torch.randn(2, 301, 45, dtype=dt)\n"
+        "  s = torch.rand(2, 301) + 0.5\n"
+        "  out, size, dest = mmfast.ops.bipartite_merge(x, m, 120, size=s)\n"
+        "  ref, rsize, rdest = mmfast.reference.bipartite_merge(x.double(), m, 120, size=s)\n"
+        "  assert torch.equal(dest, rdest), dt\n"
+        "  tol = 1e-5 if dt == torch.float32 else 2e-2\n"
+        "  assert torch.allclose(out.double(), ref, atol=tol, rtol=tol), dt\n"
+        "  g = torch.randn_like(out)\n"
+        "  dx = torch.ops.mmfast.bipartite_merge_backward(g, dest, s, size)\n"
+        "  want = g.double().gather(1, dest[..., None].expand(-1, -1, 37)) * (s / size.gather(1, dest))[..., None]\n"
+        "  assert torch.allclose(dx.double(), want, atol=tol, rtol=tol), dt\n"
+    )
+    env = dict(os.environ, MMFAST_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
