@@ -14,9 +14,9 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/native/CPUBlas.h>
-#include <ATen/ops/arange.h>
-#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/max.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -43,20 +43,36 @@ double element_as_double(at::ScalarType dtype, const char* row, int64_t c) {
   }
 }
 
-// inv_norm[b, n] = 1 / |metric[b, n]| (0 for a zero row, whose similarity is then 0 to all).
-at::Tensor inverse_norms(const at::Tensor& metric) {  // metric [B, N, Cm], unit last stride
+// Per metric row: inv_norm = 1 / |m| (0 for a zero row, whose similarity is then 0 to all)
+// and, when the GEMM needs a bfloat16 copy, that copy (m16, K padded to even) and
+// rho = |m - bfloat16(m)| / |m|, the relative size of its rounding (bounds the GEMM's error).
+struct PreparedMetric {
+  at::Tensor inv_norm;  // [B, N] float32
+  at::Tensor rho;       // [B, N] float32 (zeros without a copy)
+  at::Tensor m16;       // [B, N, K + K % 2] bfloat16, or undefined: the GEMM reads the metric
+};
+
+PreparedMetric prepare_metric(const at::Tensor& metric, bool copy_bf16) {
   const int64_t bsz = metric.size(0), n = metric.size(1), cm = metric.size(2);
-  auto inv = at::empty({bsz, n}, metric.options().dtype(at::kFloat));
-  float* out = inv.mutable_data_ptr<float>();
+  const int64_t kp = cm + cm % 2;
+  PreparedMetric out;
+  out.inv_norm = at::empty({bsz, n}, metric.options().dtype(at::kFloat));
+  out.rho = at::zeros({bsz, n}, metric.options().dtype(at::kFloat));
+  if (copy_bf16) out.m16 = at::empty({bsz, n, kp}, metric.options().dtype(at::kBFloat16));
+  float* inv = out.inv_norm.mutable_data_ptr<float>();
+  float* rho = out.rho.mutable_data_ptr<float>();
+  auto* m16 = copy_bf16 ? out.m16.mutable_data_ptr<at::BFloat16>() : nullptr;
   const auto dtype = metric.scalar_type();
   const char* base = static_cast<const char*>(metric.const_data_ptr());
   const int64_t esize = metric.element_size();
-  const auto sumsq = MMFAST_PICK_ISA(row_sumsq);
+  const auto sumsq = MMFAST_PICK_ISA(row_sumsq_to_bf16);
   at::parallel_for(0, bsz * n, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b = t / n, i = t % n;
       const char* row = base + (b * metric.stride(0) + i * metric.stride(1)) * esize;
-      double ss = sumsq(dtype, row, cm);
+      at::BFloat16* dst = m16 ? m16 + t * kp : nullptr;
+      float residual = 0.0f;
+      double ss = sumsq(dtype, row, cm, dst, &residual);
       if (!std::isfinite(ss)) {
         // Either a NaN/Inf value, or float32 overflow of the sum: tell them apart in double.
         ss = 0.0;
@@ -67,10 +83,14 @@ at::Tensor inverse_norms(const at::Tensor& metric) {  // metric [B, N, Cm], unit
           ss += v * v;
         }
       }
-      out[t] = ss > 0.0 ? static_cast<float>(1.0 / std::sqrt(ss)) : 0.0f;
+      if (dst && kp > cm) dst[cm] = at::BFloat16(0.0f);
+      inv[t] = ss > 0.0 ? static_cast<float>(1.0 / std::sqrt(ss)) : 0.0f;
+      // 1% slack covers the rounding of rho itself; an overflowed residual (values beyond
+      // bfloat16's range) gives rho = inf, which makes every B token a candidate.
+      if (dst && ss > 0.0) rho[t] = static_cast<float>(1.01 * std::sqrt(residual / ss));
     }
   });
-  return inv;
+  return out;
 }
 
 // bfloat16 GEMM operands laid out for brgemm: A rows [B, Na, K] (row stride lda) and B as
@@ -101,30 +121,35 @@ at::Tensor vnni_pack(const at::Tensor& b) {
   return bt;
 }
 
-SimilarityOperands pack_operands(const at::Tensor& metric) {
+SimilarityOperands pack_operands(const at::Tensor& metric, const PreparedMetric& prep) {
   const int64_t n = metric.size(1);
-  // float32/float16 are rounded to bfloat16 for the GEMM (its products are then exact, and
-  // it runs at twice the float32 rate); best_matches re-scores the near-best candidates
-  // exactly, so the rounding never changes the result.
-  auto m16 = metric.to(at::kBFloat16);
-  if (m16.size(2) % 2) m16 = at::constant_pad_nd(m16, {0, 1});  // VNNI pairs along K
-  if (m16.stride(2) != 1 || m16.stride(1) % 2) m16 = m16.contiguous();
+  // float32/float16 metrics were rounded to bfloat16 for the GEMM (its products are then
+  // exact, and it runs at twice the float32 rate); best_matches re-scores the near-best
+  // candidates exactly, so the rounding never changes the result.
+  const at::Tensor& m16 = prep.m16.defined() ? prep.m16 : metric;
   auto a = m16.slice(1, 0, n, 2);  // [B, Na, K]
   auto b = m16.slice(1, 1, n, 2);  // [B, Nb, K]
   return {a, vnni_pack(b), a.size(2)};
 }
 
-// Relative error bound (in units of |a| |b|) of a dot product computed from operands rounded
-// to bfloat16 (unit roundoff 2^-8 each, when `rounded`) and summed in float32 over k terms,
-// with margin for the float32 scaling by the inverse norms.
-double dot_error_bound(int64_t k, bool rounded) {
-  const double u16 = rounded ? std::ldexp(1.0, -8) : 0.0;
-  const double gamma = 1.01 * static_cast<double>(k + 2) * std::ldexp(1.0, -24);
-  return 2.0 * u16 + u16 * u16 + gamma + std::ldexp(1.0, -20);
+// The GEMM reads a bfloat16 metric in place when its rows already pair up for VNNI.
+bool needs_bf16_copy(const at::Tensor& metric) {
+  return metric.scalar_type() != at::kBFloat16 || metric.size(2) % 2 != 0 ||
+         metric.stride(2) != 1 || metric.stride(1) % 2 != 0 ||
+         reinterpret_cast<uintptr_t>(metric.const_data_ptr()) % 4 != 0;
 }
 
-// B tokens per brgemm call into the strip: a 256-token bfloat16 panel of K = 1024 is 512 KiB,
-// half of this CPU's L2.
+// Bound, in units of |a| (the score s_j = a . b_j / |b_j| of an A row a), on |s~_j - s_j| +
+// |s^_j - s_j|: s~ from the GEMM on bfloat16 rows (relative rounding rho_a, rho_b), s^ the
+// exact float32 re-score. With a = a~ + da, |a . b - a~ . b~| <= |da||b| + |a~||db| gives
+// rho_a + rho_b + rho_a rho_b; each float32 sum of k products adds gamma_k (1 + rho)^2; the
+// float32 scalings by the inverse norms add a few units of 2^-24.
+double score_error_bound(int64_t k, double rho_a, double rho_b) {
+  const double gamma = 1.01 * static_cast<double>(k + 2) * std::ldexp(1.0, -24);
+  const double rounding = rho_a + rho_b + rho_a * rho_b;
+  return rounding + gamma * (1.0 + rho_a) * (1.0 + rho_b) + gamma + std::ldexp(1.0, -20);
+}
+
 constexpr int64_t kStripCols = 256;
 
 // node_max[b, i] = max_j cos(a_i, b_j), node_idx[b, i] = the first j reaching it.
@@ -135,8 +160,9 @@ constexpr int64_t kStripCols = 256;
 // the strip's maximum is re-scored exactly (a float32 dot of the metric rows as given); the
 // best of those, lowest index on ties, is the argmax of s over all j. Exact scores depend
 // only on the two rows, so equal rows give equal scores wherever they sit in a tile.
-void best_matches(const at::Tensor& metric, const at::Tensor& inv_norm, float* node_max,
+void best_matches(const at::Tensor& metric, const PreparedMetric& prep, float* node_max,
                   int64_t* node_idx, bool protect_first) {
+  const at::Tensor& inv_norm = prep.inv_norm;
   const int64_t bsz = metric.size(0), n = metric.size(1), cm = metric.size(2);
   const int64_t na = (n + 1) / 2, nb = n / 2;
   const float* inv = inv_norm.const_data_ptr<float>();
@@ -144,7 +170,9 @@ void best_matches(const at::Tensor& metric, const at::Tensor& inv_norm, float* n
     std::fill(node_max, node_max + bsz * na, nb == 0 ? -INFINITY : 0.0f);
     std::fill(node_idx, node_idx + bsz * na, 0);
   } else {
-    const auto ops = pack_operands(metric);
+    const auto ops = pack_operands(metric, prep);
+    const auto rho = prep.rho.const_data_ptr<float>();
+    const auto rho_b_max = std::get<0>(prep.rho.slice(1, 1, n, 2).max(1));  // [B]
     const auto inv_b_all = inv_norm.slice(1, 1, n, 2).contiguous();  // [B, Nb]
     const int64_t tiles = (na + kTileA - 1) / kTileA;
     const auto dot = MMFAST_PICK_ISA(row_dot);
@@ -153,9 +181,6 @@ void best_matches(const at::Tensor& metric, const at::Tensor& inv_norm, float* n
     const auto dtype = metric.scalar_type();
     const int64_t esize = metric.element_size();
     const char* mbase = static_cast<const char*>(metric.const_data_ptr());
-    // Twice (approximate + exact score errors), in units of |a|.
-    const float margin = static_cast<float>(
-        2.0 * (dot_error_bound(cm, dtype != at::kBFloat16) + dot_error_bound(cm, false)));
     at::parallel_for(0, bsz * tiles, 1, [&](int64_t t0, int64_t t1) {
       std::vector<float> strip(kTileA * nb);
       std::vector<int64_t> candidates(nb);
@@ -180,7 +205,17 @@ void best_matches(const at::Tensor& metric, const at::Tensor& inv_norm, float* n
           int64_t arg = 0;
           if (inv_a > 0.0f) {  // a zero row scores 0 everywhere: arg 0
             const float top = scale_max(s, inv_b, nb);
-            const int64_t count = at_least(s, nb, top - margin / inv_a, candidates.data());
+            // j can still be the best if s~_j >= top - 2 e |a| (each side off by at most e).
+            const double e = score_error_bound(cm, rho[b * n + tok_a],
+                                               rho_b_max.const_data_ptr<float>()[b]);
+            const float floor = static_cast<float>(top - 2.0 * e / inv_a);
+            int64_t count;
+            if (std::isnan(floor) || floor == -INFINITY) {  // no usable bound: re-score all
+              std::iota(candidates.begin(), candidates.end(), 0);
+              count = nb;
+            } else {
+              count = at_least(s, nb, floor, candidates.data());
+            }
             const char* row_a = mb + tok_a * metric.stride(1) * esize;
             for (int64_t c = 0; c < count; ++c) {
               const int64_t j = candidates[c];
@@ -218,10 +253,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
 
   // (1) + (2): the best B match of every A token. Non-finite metric rows are an error even
   // when r == 0, so that the op's contract does not depend on r.
-  const auto inv_norm = inverse_norms(metric);
+  const auto prep = prepare_metric(metric, r > 0 && needs_bf16_copy(metric));
   std::vector<float> node_max(bsz * na);
   std::vector<int64_t> node_idx(bsz * na);
-  if (r > 0) best_matches(metric, inv_norm, node_max.data(), node_idx.data(), protect_first);
+  if (r > 0) best_matches(metric, prep, node_max.data(), node_idx.data(), protect_first);
 
   // (3) selection and the groups: for every output row, its tokens in summation order.
   auto dest = at::empty({bsz, n}, x.options().dtype(at::kLong));

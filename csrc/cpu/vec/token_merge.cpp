@@ -153,6 +153,35 @@ float row_dot(c10::ScalarType dtype, const void* a, const void* b, int64_t n) {
   });
 }
 
+float row_sumsq_to_bf16(c10::ScalarType dtype, const void* src, int64_t n,
+                        c10::BFloat16* dst, float* residual_sumsq) {
+  return by_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using BVec = at::vec::Vectorized<c10::BFloat16>;
+    const T* p = static_cast<const T*>(src);
+    fVec s0(0.0f), s1(0.0f), r0(0.0f), r1(0.0f);
+    for (int64_t c = 0; c < n; c += kChunk) {
+      const int64_t m = std::min(kChunk, n - c);
+      fVec lo, hi;
+      load_chunk(p + c, m, lo, hi);
+      s0 = at::vec::fmadd(lo, lo, s0);
+      s1 = at::vec::fmadd(hi, hi, s1);
+      if (dst != nullptr) {
+        const BVec v = at::vec::convert_from_float<c10::BFloat16>(lo, hi);
+        if (m == kChunk) v.store(dst + c); else v.store(dst + c, m);
+        fVec back_lo, back_hi;
+        std::tie(back_lo, back_hi) = at::vec::convert_to_float<c10::BFloat16>(v);
+        const fVec d0 = lo - back_lo, d1 = hi - back_hi;
+        r0 = at::vec::fmadd(d0, d0, r0);
+        r1 = at::vec::fmadd(d1, d1, r1);
+      }
+    }
+    const auto sum = [](fVec& a, fVec& b) { return a + b; };
+    if (dst != nullptr) *residual_sumsq = at::vec::vec_reduce_all<float>(sum, r0 + r1);
+    return at::vec::vec_reduce_all<float>(sum, s0 + s1);
+  });
+}
+
 float scale_and_max(float* s, const float* scale, int64_t n) {
   fVec vmax(-std::numeric_limits<float>::infinity());
   int64_t j = 0;

@@ -40,3 +40,9 @@ MMFAST_DECLARE_ISA_KERNEL(float scale_and_max(float* s, const float* scale, int6
 // Writes the indices j < n with s[j] >= floor, ascending, to out; returns how many.
 MMFAST_DECLARE_ISA_KERNEL(
     int64_t indices_at_least(const float* s, int64_t n, float floor, int64_t* out))
+
+// Returns sum_c src[c]^2 (float32; NaN and Inf propagate). With dst, also writes
+// dst[c] = bfloat16(src[c]) and *residual_sumsq = sum_c (src[c] - dst[c])^2.
+MMFAST_DECLARE_ISA_KERNEL(
+    float row_sumsq_to_bf16(c10::ScalarType dtype, const void* src, int64_t n,
+                            c10::BFloat16* dst, float* residual_sumsq))
