@@ -5,3 +5,6 @@ dispatcher: C++ on CPU, Triton or CUDA C++ on CUDA (see mmfast._backend)."""
 from mmfast.ops.bias_gelu import bias_gelu
 
 __all__ = ["bias_gelu"]
+from mmfast.ops.cross_attention import cross_attention, key_attention_mass  # noqa: E402
+
+__all__ += ["cross_attention", "key_attention_mass"]
