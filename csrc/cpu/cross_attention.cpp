@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <algorithm>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -23,11 +24,15 @@ constexpr float kInf = std::numeric_limits<float>::infinity();
 // Media ids are compared as float codes: exact up to 2^24.
 constexpr int64_t kMaxMedia = int64_t{1} << 24;
 
-// Query tile rows and key block columns. 64 x 64 tiles keep S, P and the output accumulator of
-// one task in L1/L2, and a 64-key block matches Flamingo's 64 resampled latents per image, so
-// that block skipping follows image boundaries.
+// Query tile rows. 64 rows keep S, P and the output accumulator of one task in L2 and still give
+// B * H * Lq / 64 tasks to spread over the threads.
 constexpr int64_t kBlockM = 64;
-constexpr int64_t kBlockN = 64;
+// Key block columns. With media masks, 64: Flamingo resamples each image to 64 latents, so
+// blocks follow image boundaries and skipping is exact. Without, fewer and larger GEMM calls
+// (each call has a fixed cost) and fewer output rescalings.
+int64_t key_block(bool media, int64_t Lk) {
+  return media ? 64 : std::clamp<int64_t>(Lk, 64, 256);
+}
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
@@ -40,8 +45,26 @@ at::Tensor gemm_ready(const at::Tensor& t) {
 
 int64_t row_stride(const at::Tensor& t) { return t.size(1) <= 1 ? t.size(3) : t.stride(1); }
 
-// [B, L, H, D] -> [B, H, D, L] contiguous: the transposed operand of a tile GEMM.
-at::Tensor transposed(const at::Tensor& t) { return t.permute({0, 2, 3, 1}).contiguous(); }
+// Runs work(next_task) on every thread of ATen's pool; the threads share one task counter.
+template <typename F>
+void run_tasks(const F& work) {
+  std::atomic<int64_t> next{0};
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { work(&next); });
+}
+
+// [B, L, H, D] (gemm_ready) -> [B, H, D, L] contiguous: the transposed operand of a tile GEMM.
+// (ATen's strided copy of a permuted view costs several times more than the attention itself.)
+at::Tensor transposed(const at::Tensor& t) {
+  auto out = at::empty({t.size(0), t.size(2), t.size(3), t.size(1)}, t.options());
+  if (out.numel() == 0) return out;
+  const auto kernel = MMFAST_PICK_ISA(xattn_transpose_tasks);
+  run_tasks([&](std::atomic<int64_t>* next) {
+    kernel(t.scalar_type(), t.const_data_ptr(), t.size(0), t.size(1), t.size(2), t.size(3),
+           t.stride(0), row_stride(t), t.stride(2), out.mutable_data_ptr(), next);
+  });
+  return out;
+}
 
 std::vector<int64_t> as_int64(const at::Tensor& t) {
   const auto c = t.to(at::kLong).contiguous();
@@ -52,6 +75,7 @@ std::vector<int64_t> as_int64(const at::Tensor& t) {
 // (see XattnProblem for the rule).
 struct MaskPlan {
   bool immediate = false;
+  int64_t block_n = 64;
   std::vector<float> qcode, kcode, q_lo, q_hi;
   std::vector<KeyBlockSummary> kblk;
 };
@@ -63,6 +87,8 @@ MaskPlan plan_mask(const char* op, int64_t B, int64_t Lq, int64_t Lk, bool immed
   MaskPlan m;
   const bool media = q_media.has_value();
   m.immediate = media && immediate;
+  m.block_n = key_block(media, Lk);
+  const int64_t kBlockN = m.block_n;
   m.qcode.assign(B * Lq, 0.f);
   m.kcode.assign(B * Lk, 0.f);
   std::vector<int64_t> lens(B, Lk);
@@ -127,7 +153,7 @@ MaskPlan plan_mask(const char* op, int64_t B, int64_t Lq, int64_t Lk, bool immed
 }
 
 XattnProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
-                          const at::Tensor& kt, const MaskPlan& m, double scale) {
+                          const at::Tensor* kt, const MaskPlan& m, double scale) {
   XattnProblem p{};
   p.dtype = q.scalar_type();
   p.B = q.size(0); p.Lq = q.size(1); p.Hq = q.size(2); p.D = q.size(3);
@@ -135,7 +161,7 @@ XattnProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Te
   p.scale = static_cast<float>(scale);
   p.immediate = m.immediate;
   p.block_m = kBlockM;
-  p.block_n = kBlockN;
+  p.block_n = m.block_n;
   p.qcode = m.qcode.data(); p.kcode = m.kcode.data();
   p.q_tile_lo = m.q_lo.data(); p.q_tile_hi = m.q_hi.data();
   p.kblk = m.kblk.data();
@@ -144,16 +170,8 @@ XattnProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Te
   if (v != nullptr) {
     p.v = v->const_data_ptr(); p.v_sb = v->stride(0); p.v_sl = row_stride(*v); p.v_sh = v->stride(2);
   }
-  p.kt = kt.const_data_ptr();
+  p.kt = kt != nullptr ? kt->const_data_ptr() : nullptr;
   return p;
-}
-
-// Runs `kernel` on every thread of ATen's pool; the threads share one task counter.
-template <typename Args>
-void run_tasks(void (*kernel)(const Args&, std::atomic<int64_t>*), const Args& args) {
-  std::atomic<int64_t> next{0};
-  const int64_t threads = at::get_num_threads();
-  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { kernel(args, &next); });
 }
 
 double resolve_scale(std::optional<double> scale, int64_t D) {
@@ -174,10 +192,9 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
   auto out = at::empty({B, Lq, Hq, D}, q.options());
   auto lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse.fill_(-kInf)};
-  const auto kt = transposed(k);
-  XattnForwardArgs a{make_problem(q, k, &v, kt, m, resolve_scale(scale, D)), true,
+  XattnForwardArgs a{make_problem(q, k, &v, nullptr, m, resolve_scale(scale, D)), true,
                      out.mutable_data_ptr(), lse.mutable_data_ptr<float>()};
-  run_tasks(MMFAST_PICK_ISA(xattn_forward_tasks), a);
+  run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_forward_tasks)(a, next); });
   return {out, lse};
 }
 
@@ -201,27 +218,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
     TORCH_CHECK_VALUE(grad_lse->sizes() == lse.sizes(), op, ": grad_lse must have the shape of lse ",
                       lse.sizes(), ", got ", grad_lse->sizes());
   }
-  const auto q = gemm_ready(q_in), k = gemm_ready(k_in), v = gemm_ready(v_in);
+  // The backward kernels run on float32 tensors: 16-bit inputs are widened once here (see
+  // forward_impl for why the tile GEMMs are float32 on CPUs without AMX).
+  const auto q = gemm_ready(q_in.to(at::kFloat)), k = gemm_ready(k_in.to(at::kFloat));
+  const auto v = gemm_ready(v_in.to(at::kFloat));
   const int64_t Lk = k.size(1), Hk = k.size(2);
   auto dq = at::empty({B, Lq, Hq, D}, q.options());
   auto dk = at::empty({B, Lk, Hk, D}, q.options());
   auto dv = at::empty({B, Lk, Hk, D}, q.options());
-  if (q.numel() == 0 || k.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
+  const auto dtype = q_in.scalar_type();
+  if (q.numel() == 0 || k.numel() == 0) {
+    return {dq.zero_().to(dtype), dk.zero_().to(dtype), dv.zero_().to(dtype)};
+  }
   const MaskPlan m = plan_mask(op, B, Lq, Lk, immediate, kv_lens, q_media, kv_media);
-  const auto dout = grad_out.contiguous();
+  const auto dout = grad_out.to(at::kFloat).contiguous();
   // delta_i = sum_d dO_id O_id - grad_lse_i: d(loss)/d(s_ij) = P_ij (dP_ij - delta_i).
-  auto delta = dout.to(at::kFloat).mul(out.to(at::kFloat)).sum(at::IntArrayRef{-1}).transpose(1, 2);
+  auto delta = dout.mul(out.to(at::kFloat)).sum(at::IntArrayRef{-1}).transpose(1, 2);
   if (grad_lse.has_value()) delta = delta.sub(grad_lse->to(at::kFloat));
   delta = delta.contiguous();
   const auto lse_c = lse.contiguous();
   const auto kt = transposed(k), vt = transposed(v), qt = transposed(q), doutt = transposed(dout);
-  XattnBackwardArgs a{make_problem(q, k, &v, kt, m, scale), vt.const_data_ptr(),
+  XattnBackwardArgs a{make_problem(q, k, &v, &kt, m, scale), vt.const_data_ptr(),
                       qt.const_data_ptr(), dout.const_data_ptr(), doutt.const_data_ptr(),
                       lse_c.const_data_ptr<float>(), delta.const_data_ptr<float>(),
                       dq.mutable_data_ptr(), dk.mutable_data_ptr(), dv.mutable_data_ptr()};
-  run_tasks(MMFAST_PICK_ISA(xattn_backward_dq_tasks), a);
-  run_tasks(MMFAST_PICK_ISA(xattn_backward_dkdv_tasks), a);
-  return {dq, dk, dv};
+  run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_backward_dq_tasks)(a, next); });
+  run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_backward_dkdv_tasks)(a, next); });
+  return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
 }
 
 at::Tensor key_attention_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -232,20 +255,21 @@ at::Tensor key_attention_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in
   const char* op = "key_attention_mass";
   const bool immediate = check_cross_attention_args(op, q_in, k_in, std::nullopt, kv_lens, q_media,
                                                     kv_media, media_mode);
-  const auto q = gemm_ready(q_in), k = gemm_ready(k_in);
+  // float32 tensors, as in the backward.
+  const auto q = gemm_ready(q_in.to(at::kFloat)), k = gemm_ready(k_in.to(at::kFloat));
   const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3), Lk = k.size(1);
   const MaskPlan m = plan_mask(op, B, Lq, Lk, immediate, kv_lens, q_media, kv_media);
   auto mass = at::empty({B, Lk}, q.options().dtype(at::kFloat));
   if (q.numel() == 0 || k.numel() == 0) return mass.zero_();
   auto lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
-  const auto kt = transposed(k), qt = transposed(q);
-  const XattnProblem p = make_problem(q, k, nullptr, kt, m, resolve_scale(scale, D));
+  const auto qt = transposed(q);
+  const XattnProblem p = make_problem(q, k, nullptr, nullptr, m, resolve_scale(scale, D));
   // Two passes: the row statistics (lse) first, then per key block the probabilities it gets.
-  run_tasks(MMFAST_PICK_ISA(xattn_forward_tasks),
-            XattnForwardArgs{p, false, nullptr, lse.mutable_data_ptr<float>()});
-  run_tasks(MMFAST_PICK_ISA(xattn_mass_tasks),
-            XattnMassArgs{p, qt.const_data_ptr(), lse.const_data_ptr<float>(),
-                          mass.mutable_data_ptr<float>()});
+  const XattnForwardArgs stats{p, false, nullptr, lse.mutable_data_ptr<float>()};
+  run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_forward_tasks)(stats, next); });
+  const XattnMassArgs a{p, qt.const_data_ptr(), lse.const_data_ptr<float>(),
+                        mass.mutable_data_ptr<float>()};
+  run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_mass_tasks)(a, next); });
   return mass;
 }
 

@@ -180,6 +180,36 @@ inline float prob_row(float* s, float* dp, int64_t n, float scale, bool immediat
 template <typename T>
 const T* ptr(const void* p) { return static_cast<const T*>(p); }
 
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, in 16 x 16 pieces (ATen's
+// in-register transposes on AVX512; its 16-bit versions take at most 32 x 32).
+template <typename T>
+inline void transpose_block(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows,
+                            int64_t cols) {
+  constexpr int64_t TB = 16;
+  for (int64_t r = 0; r < rows; r += TB) {
+    for (int64_t c = 0; c < cols; c += TB) {
+      at::vec::transpose_mxn<T>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst,
+                                static_cast<int>(std::min(TB, rows - r)),
+                                static_cast<int>(std::min(TB, cols - c)));
+    }
+  }
+}
+
+// Loads rows [rows, cols] of T (leading dimension ld) into float32 dst (leading dimension cols).
+template <typename T>
+inline void load_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if constexpr (std::is_same_v<T, float>) {
+      std::copy(src + r * ld, src + r * ld + cols, dst + r * cols);
+    } else {
+      at::vec::convert(src + r * ld, dst + r * cols, cols);
+    }
+  }
+}
+
+// Storage type T, all tile GEMMs in float32: 16-bit tiles are widened in cache (Q once per task,
+// K and V once per block). Without AMX (could_pack() false here) ATen's bf16/fp16 brgemm runs
+// well below the float32 GEMM rate, and widening costs a few percent of a GEMM.
 template <typename T>
 void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
   const XattnProblem& p = a.p;
@@ -189,34 +219,56 @@ void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
   const int64_t ntasks = p.B * p.Hq * nqt;
   constexpr bool kFloat = std::is_same_v<T, float>;
   std::vector<float> S(BM * BN), O(a.with_values ? BM * D : 0), m(BM), l(BM), orow(D);
-  std::vector<T> P(kFloat ? 0 : BM * BN);
+  std::vector<float> Kt(D * BN), Qf(kFloat ? 0 : BM * D), Vf(kFloat ? 0 : BN * D);
+  std::vector<T> KtT(kFloat ? 0 : D * BN);
   for (int64_t t; (t = next->fetch_add(1)) < ntasks;) {
     const int64_t qt = t % nqt, h = (t / nqt) % p.Hq, b = t / (nqt * p.Hq);
     const int64_t i0 = qt * BM, M = std::min(BM, p.Lq - i0), hk = h / group;
     const T* q = ptr<T>(p.q) + b * p.q_sb + i0 * p.q_sl + h * p.q_sh;
-    const T* kt = ptr<T>(p.kt) + (b * p.Hk + hk) * D * p.Lk;
+    const T* k = ptr<T>(p.k) + b * p.k_sb + hk * p.k_sh;
     const T* v = ptr<T>(p.v) + b * p.v_sb + hk * p.v_sh;
     const float* qc = p.qcode + b * p.Lq + i0;
     const float qlo = p.q_tile_lo[b * nqt + qt], qhi = p.q_tile_hi[b * nqt + qt];
     std::fill(m.begin(), m.end(), -kInf);
     std::fill(l.begin(), l.end(), 0.f);
     if (a.with_values) std::fill(O.begin(), O.begin() + M * D, 0.f);
+    const float* qf = reinterpret_cast<const float*>(q);
+    int64_t ld_q = p.q_sl;
+    bool q_loaded = kFloat;
     for (int64_t kb = 0; kb < nkb; ++kb) {
       const Rel rel = classify(p.immediate, qlo, qhi, p.kblk[b * nkb + kb]);
       if (rel == Rel::Skip) continue;
       const int64_t j0 = kb * BN, N = std::min(BN, p.Lk - j0);
-      gemm<T>(M, N, D, q, p.q_sl, kt + j0, p.Lk, S.data(), BN, false);
+      if (!q_loaded) {
+        load_rows(q, p.q_sl, M, D, Qf.data());
+        qf = Qf.data();
+        ld_q = D;
+        q_loaded = true;
+      }
+      // Kᵀ of this block, transposed here in cache: a transposed copy of all of K up front
+      // would be one more pass over memory, which costs as much as the GEMMs at these sizes.
+      if constexpr (kFloat) {
+        transpose_block(k + j0 * p.k_sl, p.k_sl, Kt.data(), BN, N, D);
+      } else {
+        transpose_block(k + j0 * p.k_sl, p.k_sl, KtT.data(), BN, N, D);
+        load_rows(KtT.data(), BN, D, BN, Kt.data());
+      }
+      gemm<float>(M, N, D, qf, ld_q, Kt.data(), BN, S.data(), BN, false);
       const float* kc = rel == Rel::Partial ? p.kcode + b * p.Lk + j0 : nullptr;
       for (int64_t r = 0; r < M; ++r) {
         float* srow = S.data() + r * BN;
         const float alpha = online_softmax_row(srow, N, p.scale, kc, qc[r], p.immediate, m[r], l[r]);
-        if (!a.with_values) continue;
-        if (alpha != 1.f) scale_row(O.data() + r * D, D, alpha);
-        if constexpr (!kFloat) store_row(srow, P.data() + r * BN, N);
+        if (a.with_values && alpha != 1.f) scale_row(O.data() + r * D, D, alpha);
       }
       if (a.with_values) {
-        const T* pm = kFloat ? reinterpret_cast<const T*>(S.data()) : P.data();
-        gemm<T>(M, D, N, pm, BN, v + j0 * p.v_sl, p.v_sl, O.data(), D, true);
+        const float* vf = reinterpret_cast<const float*>(v + j0 * p.v_sl);
+        int64_t ld_v = p.v_sl;
+        if constexpr (!kFloat) {
+          load_rows(v + j0 * p.v_sl, p.v_sl, N, D, Vf.data());
+          vf = Vf.data();
+          ld_v = D;
+        }
+        gemm<float>(M, D, N, S.data(), BN, vf, ld_v, O.data(), D, true);
       }
     }
     for (int64_t r = 0; r < M; ++r) {
@@ -240,7 +292,9 @@ inline void safe_lse(const float* lse, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = std::isinf(lse[i]) ? kInf : lse[i];
 }
 
-template <typename T>
+// Backward and key mass take float32 tensors (the caller widens 16-bit inputs once).
+using T = float;
+
 void dq_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
   const XattnProblem& p = a.p;
   const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
@@ -248,9 +302,7 @@ void dq_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
   const int64_t group = p.Hq / p.Hk;
   const int64_t ntasks = p.B * p.Hq * nqt;
   const int64_t ld_do = p.Hq * D;
-  constexpr bool kFloat = std::is_same_v<T, float>;
   std::vector<float> S(BM * BN), dP(BM * BN), dQ(BM * D), lse(BM);
-  std::vector<T> dS(kFloat ? 0 : BM * BN);
   for (int64_t t; (t = next->fetch_add(1)) < ntasks;) {
     const int64_t qt = t % nqt, h = (t / nqt) % p.Hq, b = t / (nqt * p.Hq);
     const int64_t i0 = qt * BM, M = std::min(BM, p.Lq - i0), hk = h / group;
@@ -275,10 +327,8 @@ void dq_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
         float* dprow = dP.data() + r * BN;
         prob_row<false>(S.data() + r * BN, dprow, N, p.scale, p.immediate, kc, 0.f, nullptr,
                         qc[r], nullptr, lse[r], nullptr, delta[r]);
-        if constexpr (!kFloat) store_row(dprow, dS.data() + r * BN, N);
       }
-      const T* ds = kFloat ? reinterpret_cast<const T*>(dP.data()) : dS.data();
-      gemm<T>(M, D, N, ds, BN, k + j0 * p.k_sl, p.k_sl, dQ.data(), D, true);
+      gemm<T>(M, D, N, dP.data(), BN, k + j0 * p.k_sl, p.k_sl, dQ.data(), D, true);
     }
     for (int64_t r = 0; r < M; ++r) {
       store_row(dQ.data() + r * D, static_cast<T*>(a.dq) + ((b * p.Lq + i0 + r) * p.Hq + h) * D, D);
@@ -286,7 +336,6 @@ void dq_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
   }
 }
 
-template <typename T>
 void dkdv_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
   const XattnProblem& p = a.p;
   const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
@@ -294,10 +343,8 @@ void dkdv_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
   const int64_t group = p.Hq / p.Hk;
   const int64_t ntasks = p.B * p.Hk * nkb;
   const int64_t ld_do = p.Hq * D;
-  constexpr bool kFloat = std::is_same_v<T, float>;
   // Transposed tiles: row n is one key, columns are the queries of the tile.
   std::vector<float> St(BN * BM), dPt(BN * BM), dK(BN * D), dV(BN * D), lse(BM);
-  std::vector<T> Pt(kFloat ? 0 : BN * BM), dSt(kFloat ? 0 : BN * BM);
   for (int64_t t; (t = next->fetch_add(1)) < ntasks;) {
     const int64_t kb = t % nkb, hk = (t / nkb) % p.Hk, b = t / (nkb * p.Hk);
     const int64_t j0 = kb * BN, N = std::min(BN, p.Lk - j0);
@@ -324,13 +371,9 @@ void dkdv_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
           float* dsrow = dPt.data() + n * BM;
           prob_row<true>(prow, dsrow, M, p.scale, p.immediate, nullptr, kc[n], qc, 0.f,
                          lse.data(), 0.f, delta, 0.f);
-          if constexpr (!kFloat) {
-            store_row(prow, Pt.data() + n * BM, M);
-            store_row(dsrow, dSt.data() + n * BM, M);
-          }
         }
-        const T* pt = kFloat ? reinterpret_cast<const T*>(St.data()) : Pt.data();
-        const T* dst = kFloat ? reinterpret_cast<const T*>(dPt.data()) : dSt.data();
+        const T* pt = St.data();
+        const T* dst = dPt.data();
         const T* dout = ptr<T>(a.dout) + (b * p.Lq + i0) * ld_do + h * D;
         const T* q = ptr<T>(p.q) + b * p.q_sb + i0 * p.q_sl + h * p.q_sh;
         gemm<T>(N, D, M, pt, BM, dout, ld_do, dV.data(), D, true);
@@ -345,7 +388,6 @@ void dkdv_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
   }
 }
 
-template <typename T>
 void mass_impl(const XattnMassArgs& a, std::atomic<int64_t>* next) {
   const XattnProblem& p = a.p;
   const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
@@ -379,37 +421,53 @@ void mass_impl(const XattnMassArgs& a, std::atomic<int64_t>* next) {
   }
 }
 
-template <template <typename> class F, typename... Args>
-void by_dtype(c10::ScalarType dtype, Args&&... args) {
+template <typename T>
+void transpose_impl(const T* src, int64_t B, int64_t L, int64_t H, int64_t D, int64_t sb,
+                    int64_t sl, int64_t sh, T* dst, std::atomic<int64_t>* next) {
+  for (int64_t t; (t = next->fetch_add(1)) < B * H;) {
+    transpose_block(src + (t / H) * sb + (t % H) * sh, sl, dst + t * D * L, L, L, D);
+  }
+}
+
+}  // namespace
+
+void xattn_transpose_tasks(c10::ScalarType dtype, const void* src, int64_t B, int64_t L,
+                           int64_t H, int64_t D, int64_t sb, int64_t sl, int64_t sh, void* dst,
+                           std::atomic<int64_t>* next_task) {
   switch (dtype) {
-    case c10::ScalarType::Float: return F<float>::run(args...);
-    case c10::ScalarType::Half: return F<c10::Half>::run(args...);
-    case c10::ScalarType::BFloat16: return F<c10::BFloat16>::run(args...);
+    case c10::ScalarType::Float:
+      return transpose_impl(static_cast<const float*>(src), B, L, H, D, sb, sl, sh,
+                            static_cast<float*>(dst), next_task);
+    case c10::ScalarType::Half:
+      return transpose_impl(static_cast<const c10::Half*>(src), B, L, H, D, sb, sl, sh,
+                            static_cast<c10::Half*>(dst), next_task);
+    case c10::ScalarType::BFloat16:
+      return transpose_impl(static_cast<const c10::BFloat16*>(src), B, L, H, D, sb, sl, sh,
+                            static_cast<c10::BFloat16*>(dst), next_task);
+    default:
+      return;
+  }
+}
+
+void xattn_forward_tasks(const XattnForwardArgs& a, std::atomic<int64_t>* next_task) {
+  switch (a.p.dtype) {
+    case c10::ScalarType::Float: return forward_impl<float>(a, next_task);
+    case c10::ScalarType::Half: return forward_impl<c10::Half>(a, next_task);
+    case c10::ScalarType::BFloat16: return forward_impl<c10::BFloat16>(a, next_task);
     default: return;  // checked by the caller
   }
 }
 
-template <typename T> struct Fwd { static void run(const XattnForwardArgs& a, std::atomic<int64_t>* n) { forward_impl<T>(a, n); } };
-template <typename T> struct Dq { static void run(const XattnBackwardArgs& a, std::atomic<int64_t>* n) { dq_impl<T>(a, n); } };
-template <typename T> struct Dkdv { static void run(const XattnBackwardArgs& a, std::atomic<int64_t>* n) { dkdv_impl<T>(a, n); } };
-template <typename T> struct Mass { static void run(const XattnMassArgs& a, std::atomic<int64_t>* n) { mass_impl<T>(a, n); } };
-
-}  // namespace
-
-void xattn_forward_tasks(const XattnForwardArgs& a, std::atomic<int64_t>* next_task) {
-  by_dtype<Fwd>(a.p.dtype, a, next_task);
-}
-
 void xattn_backward_dq_tasks(const XattnBackwardArgs& a, std::atomic<int64_t>* next_task) {
-  by_dtype<Dq>(a.p.dtype, a, next_task);
+  dq_impl(a, next_task);
 }
 
 void xattn_backward_dkdv_tasks(const XattnBackwardArgs& a, std::atomic<int64_t>* next_task) {
-  by_dtype<Dkdv>(a.p.dtype, a, next_task);
+  dkdv_impl(a, next_task);
 }
 
 void xattn_mass_tasks(const XattnMassArgs& a, std::atomic<int64_t>* next_task) {
-  by_dtype<Mass>(a.p.dtype, a, next_task);
+  mass_impl(a, next_task);
 }
 
 }  // namespace mmfast::cpu::CPU_CAPABILITY

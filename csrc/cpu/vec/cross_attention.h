@@ -42,7 +42,7 @@ struct XattnProblem {
   const void* q; int64_t q_sb, q_sl, q_sh;
   const void* k; int64_t k_sb, k_sl, k_sh;
   const void* v; int64_t v_sb, v_sl, v_sh;
-  const void* kt;              // [B, Hk, D, Lk] K transposed (the B operand of Q Kᵀ)
+  const void* kt;              // [B, Hk, D, Lk] K transposed (backward only; null in forward)
 };
 
 struct XattnForwardArgs {
@@ -74,6 +74,13 @@ struct XattnMassArgs {
 
 }  // namespace mmfast::cpu
 
+// dst[b, h, :, :] = src[b, :, h, :]ᵀ for every (b, h): [B, L, H, D] (strides in elements, last
+// dim contiguous) -> [B, H, D, L] contiguous, the transposed operand of the tile GEMMs (brgemm
+// takes no transpose flag). Tasks (b, h).
+MMFAST_DECLARE_ISA_KERNEL(
+    void xattn_transpose_tasks(c10::ScalarType dtype, const void* src, int64_t B, int64_t L,
+                               int64_t H, int64_t D, int64_t sb, int64_t sl, int64_t sh, void* dst,
+                               std::atomic<int64_t>* next_task))
 // Tasks (b, hq, query tile).
 MMFAST_DECLARE_ISA_KERNEL(
     void xattn_forward_tasks(const ::mmfast::cpu::XattnForwardArgs& a,
