@@ -163,3 +163,141 @@ def _backward(ctx, grad_out, grad_lse):
 
 torch.library.register_autograd("mmfast::cross_attention", _backward,
                                 setup_context=_setup_context)
+
+
+# --- CUDA: Triton ------------------------------------------------------------------------------
+
+class TritonMaskPlan:
+    """The mask of one call as float codes per token and min/max per query tile and key block
+    (the same rule as the CPU kernels, see mmfast.kernels.cross_attention), built with torch ops
+    on the inputs' device, once per call."""
+
+    def __init__(self, q, k, kv_lens, q_media, kv_media, media_mode, cfg):
+        op = "cross_attention"
+        b, lq, lk = q.shape[0], q.shape[1], k.shape[1]
+        dev = q.device
+        media = q_media is not None
+        self.cfg = cfg
+        self.immediate = media and media_mode == "immediate"
+        self.never = -1.0 if self.immediate else float("inf")
+        invalid = torch.zeros(b, lk, dtype=torch.bool, device=dev)
+        if kv_lens is not None:
+            if bool(((kv_lens < 0) | (kv_lens > lk)).any()):
+                raise ValueError(f"{op}: kv_lens values must be in [0, {lk}], got {kv_lens.tolist()}")
+            invalid |= torch.arange(lk, device=dev)[None, :] >= kv_lens[:, None]
+        if media:
+            for name, t in (("q_media", q_media), ("kv_media", kv_media)):
+                if t.numel() and bool(((t < 0) | (t >= 2 ** 24)).any()):
+                    raise ValueError(f"{op}: {name} values must be in [0, 2**24)")
+            qcode = q_media.float()
+            kcode = kv_media.float()
+            invalid |= kv_media == 0
+        else:
+            qcode = torch.zeros(b, lq, device=dev)
+            kcode = torch.zeros(b, lk, device=dev)
+        kcode = kcode.masked_fill(invalid, self.never)
+        bm, bn = cfg["BM"], cfg["BN"]
+        self.nqt, self.nkb = triton_cdiv(lq, bm), triton_cdiv(lk, bn)
+        pad_q = self.nqt * bm - lq
+        qpad = torch.nn.functional.pad
+        self.q_lo = qpad(qcode, (0, pad_q), value=float("inf")).view(b, self.nqt, bm).amin(-1)
+        self.q_hi = qpad(qcode, (0, pad_q), value=float("-inf")).view(b, self.nqt, bm).amax(-1)
+        valid = qpad(~invalid, (0, self.nkb * bn - lk), value=False).view(b, self.nkb, bn)
+        kc = qpad(kcode, (0, self.nkb * bn - lk)).view(b, self.nkb, bn)
+        self.k_lo = kc.masked_fill(~valid, float("inf")).amin(-1) if lk else kc.sum(-1)
+        self.k_hi = kc.masked_fill(~valid, float("-inf")).amax(-1) if lk else kc.sum(-1)
+        self.k_any = valid.any(-1).float()
+        self.qcode, self.kcode = qcode.contiguous(), kcode.contiguous()
+
+    def tensors(self):
+        return (self.qcode, self.kcode, self.q_lo.contiguous(), self.q_hi.contiguous(),
+                self.k_lo.contiguous(), self.k_hi.contiguous(), self.k_any.contiguous())
+
+
+def triton_cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _last_dim_contiguous(t):
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _triton_reasons(q, k, *rest):
+    from mmfast.kernels.cross_attention import MAX_HEAD_DIM
+    reasons = _backend.triton_available()
+    if q.shape[-1] > MAX_HEAD_DIM:
+        reasons.append(f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}")
+    return reasons
+
+
+def triton_cross_attention(q, k, v, kv_lens=None, q_media=None, kv_media=None,
+                           media_mode="immediate", scale=None):
+    """(out, lse) by the Triton kernels (on CUDA, or on CPU tensors in the interpreter)."""
+    from mmfast.kernels import cross_attention as K
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    b, lq, hq, d = q.shape
+    if q.numel() == 0 or k.shape[1] == 0:
+        return (q.new_zeros(q.shape),
+                torch.full((b, hq, lq), float("-inf"), device=q.device, dtype=torch.float32))
+    plan = TritonMaskPlan(q, k, kv_lens, q_media, kv_media, media_mode,
+                          K.launch_config(q.device, d))
+    return K.forward(q, k, v, plan, resolve_scale(scale, d))
+
+
+def triton_cross_attention_backward(grad_out, grad_lse, q, k, v, out, lse, kv_lens, q_media,
+                                    kv_media, media_mode, scale):
+    from mmfast.kernels import cross_attention as K
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if q.numel() == 0 or k.numel() == 0:
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
+    plan = TritonMaskPlan(q, k, kv_lens, q_media, kv_media, media_mode,
+                          K.launch_config(q.device, q.shape[-1]))
+    do = grad_out.contiguous()
+    delta = (do.float() * out.float()).sum(-1).transpose(1, 2)  # [B, Hq, Lq]
+    if grad_lse is not None:
+        delta = delta - grad_lse.float()
+    return K.backward(do, q, k, v, lse.contiguous(), delta.contiguous(), plan, scale)
+
+
+def triton_key_attention_mass(q, k, kv_lens=None, q_media=None, kv_media=None,
+                              media_mode="immediate", scale=None):
+    from mmfast.kernels import cross_attention as K
+    q, k = _last_dim_contiguous(q), _last_dim_contiguous(k)
+    if q.numel() == 0 or k.numel() == 0:
+        return torch.zeros(q.shape[0], k.shape[1], device=q.device, dtype=torch.float32)
+    plan = TritonMaskPlan(q, k, kv_lens, q_media, kv_media, media_mode,
+                          K.launch_config(q.device, q.shape[-1]))
+    return K.key_mass(q, k, plan, resolve_scale(scale, q.shape[-1]))
+
+
+FORWARD_IMPLS = (_backend.Implementation("triton", "triton", _triton_reasons,
+                                         triton_cross_attention),)
+BACKWARD_IMPLS = (_backend.Implementation("triton", "triton",
+                                          lambda g, gl, q, k, *r: _triton_reasons(q, k),
+                                          triton_cross_attention_backward),)
+MASS_IMPLS = (_backend.Implementation("triton", "triton", _triton_reasons,
+                                      triton_key_attention_mass),)
+
+
+@torch.library.register_kernel("mmfast::cross_attention", "cuda")
+def _cross_attention_cuda(q, k, v, kv_lens=None, q_media=None, kv_media=None,
+                          media_mode="immediate", scale=None):
+    check_args("cross_attention", q, k, v, kv_lens, q_media, kv_media, media_mode)
+    return _backend.dispatch("cross_attention", FORWARD_IMPLS, q, k, v, kv_lens, q_media,
+                             kv_media, media_mode, scale)
+
+
+@torch.library.register_kernel("mmfast::cross_attention_backward", "cuda")
+def _cross_attention_backward_cuda(grad_out, grad_lse, q, k, v, out, lse, kv_lens, q_media,
+                                   kv_media, media_mode, scale):
+    _check_backward(grad_out, grad_lse, q, k, v, out, lse, kv_lens, q_media, kv_media, media_mode)
+    return _backend.dispatch("cross_attention_backward", BACKWARD_IMPLS, grad_out, grad_lse, q,
+                             k, v, out, lse, kv_lens, q_media, kv_media, media_mode, scale)
+
+
+@torch.library.register_kernel("mmfast::key_attention_mass", "cuda")
+def _key_attention_mass_cuda(q, k, kv_lens=None, q_media=None, kv_media=None,
+                             media_mode="immediate", scale=None):
+    check_args("key_attention_mass", q, k, None, kv_lens, q_media, kv_media, media_mode)
+    return _backend.dispatch("key_attention_mass", MASS_IMPLS, q, k, kv_lens, q_media, kv_media,
+                             media_mode, scale)
