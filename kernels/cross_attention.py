@@ -26,20 +26,18 @@ from mmfast.kernels.aot import AotSpec, register_aot
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
+# The media mode is a run-time flag (IMMEDIATE != 0), not a constexpr: one compiled kernel serves
+# both modes, and the comparison costs the same either way.
 @triton.jit
-def _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE: tl.constexpr):
-    if IMMEDIATE:
-        return (kany == 0) | (qhi < klo) | (qlo > khi)
-    else:
-        return (kany == 0) | (klo > qhi)
+def _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE):
+    skip_immediate = (qhi < klo) | (qlo > khi)
+    skip_previous = klo > qhi
+    return (kany == 0) | ((IMMEDIATE != 0) & skip_immediate) | ((IMMEDIATE == 0) & skip_previous)
 
 
 @triton.jit
-def _allowed(kc, qc, IMMEDIATE: tl.constexpr):
-    if IMMEDIATE:
-        return kc == qc
-    else:
-        return kc <= qc
+def _allowed(kc, qc, IMMEDIATE):
+    return tl.where(IMMEDIATE != 0, kc == qc, kc <= qc)
 
 
 @triton.jit
@@ -58,9 +56,9 @@ def xattn_fwd_kernel(
     QLO, QHI,              # [B, nqt] min/max qcode per query tile
     KLO, KHI, KANY,        # [B, nkb] min/max valid kcode per key block, any valid key (0/1)
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh,
-    Lq, Lk, Hq, group, nqt, nkb, scale, never,
+    Lq, Lk, Hq, group, nqt, nkb, scale, never, IMMEDIATE,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IMMEDIATE: tl.constexpr, WITH_V: tl.constexpr, UPCAST: tl.constexpr,
+    WITH_V: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -120,9 +118,9 @@ def xattn_bwd_dq_kernel(
     LSE, DELTA,            # [B, Hq, Lq] float32
     QC, KC, QLO, QHI, KLO, KHI, KANY,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh,
-    Lq, Lk, Hq, group, nqt, nkb, scale, never,
+    Lq, Lk, Hq, group, nqt, nkb, scale, never, IMMEDIATE,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IMMEDIATE: tl.constexpr, UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -174,9 +172,9 @@ def xattn_bwd_dkdv_kernel(
     LSE, DELTA,
     QC, KC, QLO, QHI, KLO, KHI, KANY,
     sqb, sql, sqh, skb, skl, skh, svb, svl, svh,
-    Lq, Lk, Hq, group, nqt, nkb, scale, never,
+    Lq, Lk, Hq, group, nqt, nkb, scale, never, IMMEDIATE,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IMMEDIATE: tl.constexpr, UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     bh = tl.program_id(1)
@@ -232,9 +230,9 @@ def xattn_mass_kernel(
     LSE,
     QC, KC, QLO, QHI, KLO, KHI, KANY,
     sqb, sql, sqh, skb, skl, skh,
-    Lq, Lk, Hq, group, nqt, nkb, scale, never,
+    Lq, Lk, Hq, group, nqt, nkb, scale, never, IMMEDIATE,
     D: tl.constexpr, BD: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-    IMMEDIATE: tl.constexpr, UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     b = tl.program_id(1)
@@ -272,35 +270,42 @@ def xattn_mass_kernel(
 
 # --- tile configurations -----------------------------------------------------------------------
 
-def config(cc: int, bd: int) -> dict:
-    """Tiles per architecture and padded head dim: {BM, BN, num_warps, num_stages}.
-    sm_90: 64-row tiles per warpgroup (wgmma m64), 8 warps for BD <= 128; sm_80: mma.sync with
-    4 warps. BD = 256 halves the key block to keep the forward's q/acc tiles in registers."""
-    if cc >= 90:
-        if bd <= 128:
-            return {"BM": 128, "BN": 64, "num_warps": 8, "num_stages": 2}
-        return {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2}
-    if bd <= 64:
-        return {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 2}
-    if bd <= 128:
-        return {"BM": 64, "BN": 32, "num_warps": 4, "num_stages": 2}
-    return {"BM": 32, "BN": 32, "num_warps": 4, "num_stages": 1}
+# (BM, BN, num_warps, num_stages) per (kernel kind, architecture, padded head dim BD), chosen by
+# compiling for sm_80/sm_90 and reading ptxas's register report: the forward (and key mass) never
+# spills; the backward, which holds q/do/dq or k/v/dk/dv tiles at once, spills a little for
+# BD >= 128 at the largest tiles that still keep the tensor cores busy (wgmma needs 64-row tiles
+# on both sides of the backward's GEMMs). A float32 backward at BD = 256 does not fit in shared
+# memory at those tiles: it is not offered (see BACKWARD_FP32_MAX_HEAD_DIM).
+_CONFIGS = {
+    ("fwd", 80): {64: (64, 64, 4, 2), 128: (64, 32, 4, 2), 256: (32, 32, 8, 1)},
+    ("fwd", 90): {64: (128, 64, 8, 2), 128: (128, 64, 8, 2), 256: (64, 64, 8, 2)},
+    ("bwd", 80): {64: (32, 64, 4, 2), 128: (64, 64, 8, 2), 256: (32, 32, 8, 1)},
+    ("bwd", 90): {64: (64, 64, 8, 2), 128: (64, 64, 8, 2), 256: (64, 64, 8, 1)},
+}
+
+
+def config(kind: str, cc: int, bd: int) -> dict:
+    """Tiles for a kernel kind ("fwd": forward and key mass, "bwd": dq and dk/dv)."""
+    table = _CONFIGS[(kind, 90 if cc >= 90 else 80)]
+    bm, bn, warps, stages = table[min(b for b in table if b >= bd)]
+    return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages}
 
 
 INTERPRETER_CONFIG = {"BM": 16, "BN": 16, "num_warps": 4, "num_stages": 1}
 HEAD_DIMS = (64, 128, 256)
 MAX_HEAD_DIM = 256
+BACKWARD_FP32_MAX_HEAD_DIM = 128
 
 
 def head_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))
 
 
-def launch_config(device: torch.device, d: int) -> dict:
+def launch_config(kind: str, device: torch.device, d: int) -> dict:
     if INTERPRET or device.type != "cuda":
         return dict(INTERPRETER_CONFIG)
     major, minor = torch.cuda.get_device_capability(device)
-    return config(major * 10 + minor, head_block(d))
+    return config(kind, major * 10 + minor, head_block(d))
 
 
 # --- launchers (inputs already checked; masks already turned into codes) ------------------------
@@ -321,8 +326,8 @@ def forward(q, k, v, plan, scale, with_values=True):
     xattn_fwd_kernel[grid](
         q, k, vv, out if with_values else lse, lse, *plan.tensors(),
         *_strides(q), *_strides(k), *_strides(vv),
-        lq, lk, hq, hq // hk, plan.nqt, plan.nkb, scale, plan.never,
-        D=d, BD=head_block(d), BM=cfg["BM"], BN=cfg["BN"], IMMEDIATE=plan.immediate,
+        lq, lk, hq, hq // hk, plan.nqt, plan.nkb, scale, plan.never, int(plan.immediate),
+        D=d, BD=head_block(d), BM=cfg["BM"], BN=cfg["BN"],
         WITH_V=with_values, UPCAST=INTERPRET,
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return out, lse
@@ -337,8 +342,8 @@ def backward(do, q, k, v, lse, delta, plan, scale):
     dk = torch.empty((b, lk, hk, d), device=q.device, dtype=q.dtype)
     dv = torch.empty((b, lk, hk, d), device=q.device, dtype=q.dtype)
     common = (*plan.tensors(), *_strides(q), *_strides(k), *_strides(v),
-              lq, lk, hq, hq // hk, plan.nqt, plan.nkb, scale, plan.never)
-    meta = dict(D=d, BD=head_block(d), BM=cfg["BM"], BN=cfg["BN"], IMMEDIATE=plan.immediate,
+              lq, lk, hq, hq // hk, plan.nqt, plan.nkb, scale, plan.never, int(plan.immediate))
+    meta = dict(D=d, BD=head_block(d), BM=cfg["BM"], BN=cfg["BN"],
                 UPCAST=INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     xattn_bwd_dq_kernel[(plan.nqt, b * hq)](q, k, v, do, dq, lse, delta, *common, **meta)
     xattn_bwd_dkdv_kernel[(plan.nkb, b * hk)](q, k, v, do, dk, dv, lse, delta, *common, **meta)
@@ -353,8 +358,8 @@ def key_mass(q, k, plan, scale):
     mass = torch.empty((b, lk), device=q.device, dtype=torch.float32)
     xattn_mass_kernel[(plan.nkb, b)](
         q, k, mass, lse, *plan.tensors(), *_strides(q), *_strides(k),
-        lq, lk, hq, hq // hk, plan.nqt, plan.nkb, scale, plan.never,
-        D=d, BD=head_block(d), BM=cfg["BM"], BN=cfg["BN"], IMMEDIATE=plan.immediate,
+        lq, lk, hq, hq // hk, plan.nqt, plan.nkb, scale, plan.never, int(plan.immediate),
+        D=d, BD=head_block(d), BM=cfg["BM"], BN=cfg["BN"],
         UPCAST=INTERPRET, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return mass
 
@@ -364,13 +369,13 @@ def key_mass(q, k, plan, scale):
 _MASK_SIG = {n: "*fp32" for n in ("QC", "KC", "QLO", "QHI", "KLO", "KHI", "KANY")}
 _STRIDE_SIG = {n: "i32" for n in ("sqb", "sql", "sqh", "skb", "skl", "skh", "svb", "svl", "svh")}
 _SIZE_SIG = {"Lq": "i32", "Lk": "i32", "Hq": "i32", "group": "i32", "nqt": "i32", "nkb": "i32",
-             "scale": "fp32", "never": "fp32"}
+             "scale": "fp32", "never": "fp32", "IMMEDIATE": "i32"}
 
 
-def _arch_options(bd):
+def _arch_options(kind, bd):
     out = {}
     for cc in (80, 90):
-        c = config(cc, bd)
+        c = config(kind, cc, bd)
         out[cc] = {"constexprs": {"BM": c["BM"], "BN": c["BN"]}, "num_warps": c["num_warps"],
                    "num_stages": c["num_stages"]}
     return out
@@ -379,28 +384,31 @@ def _arch_options(bd):
 def _specs():
     specs = []
     for bd in HEAD_DIMS:
-        base = {"D": bd, "BD": bd, "BM": 64, "BN": 64, "IMMEDIATE": (True, False), "UPCAST": False}
+        bwd_dtypes = ("fp32", "fp16", "bf16") if bd <= BACKWARD_FP32_MAX_HEAD_DIM else ("fp16", "bf16")
+        base = {"D": bd, "BD": bd, "BM": 64, "BN": 64, "UPCAST": False}
         specs.append(AotSpec(
             xattn_fwd_kernel,
             {"Q": "*{dt}", "K": "*{dt}", "V": "*{dt}", "O": "*{dt}", "LSE": "*fp32", **_MASK_SIG,
              **_STRIDE_SIG, **_SIZE_SIG},
-            {**base, "WITH_V": True}, uses_dot=True, arch_options=_arch_options(bd)))
+            {**base, "WITH_V": True}, uses_dot=True, arch_options=_arch_options("fwd", bd)))
         specs.append(AotSpec(
             xattn_bwd_dq_kernel,
             {"Q": "*{dt}", "K": "*{dt}", "V": "*{dt}", "DO": "*{dt}", "DQ": "*{dt}",
              "LSE": "*fp32", "DELTA": "*fp32", **_MASK_SIG, **_STRIDE_SIG, **_SIZE_SIG},
-            base, uses_dot=True, arch_options=_arch_options(bd)))
+            base, uses_dot=True, allow_spills=bd >= 128, dtypes=bwd_dtypes,
+            arch_options=_arch_options("bwd", bd)))
         specs.append(AotSpec(
             xattn_bwd_dkdv_kernel,
             {"Q": "*{dt}", "K": "*{dt}", "V": "*{dt}", "DO": "*{dt}", "DK": "*{dt}",
              "DV": "*{dt}", "LSE": "*fp32", "DELTA": "*fp32", **_MASK_SIG, **_STRIDE_SIG,
              **_SIZE_SIG},
-            base, uses_dot=True, arch_options=_arch_options(bd)))
+            base, uses_dot=True, allow_spills=bd >= 128, dtypes=bwd_dtypes,
+            arch_options=_arch_options("bwd", bd)))
         specs.append(AotSpec(
             xattn_mass_kernel,
             {"Q": "*{dt}", "K": "*{dt}", "MASS": "*fp32", "LSE": "*fp32", **_MASK_SIG,
              **{n: "i32" for n in ("sqb", "sql", "sqh", "skb", "skl", "skh")}, **_SIZE_SIG},
-            base, uses_dot=True, arch_options=_arch_options(bd)))
+            base, uses_dot=True, arch_options=_arch_options("fwd", bd)))
     return specs
 
 

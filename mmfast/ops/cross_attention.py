@@ -240,7 +240,7 @@ def triton_cross_attention(q, k, v, kv_lens=None, q_media=None, kv_media=None,
         return (q.new_zeros(q.shape),
                 torch.full((b, hq, lq), float("-inf"), device=q.device, dtype=torch.float32))
     plan = TritonMaskPlan(q, k, kv_lens, q_media, kv_media, media_mode,
-                          K.launch_config(q.device, d))
+                          K.launch_config("fwd", q.device, d))
     return K.forward(q, k, v, plan, resolve_scale(scale, d))
 
 
@@ -251,7 +251,7 @@ def triton_cross_attention_backward(grad_out, grad_lse, q, k, v, out, lse, kv_le
     if q.numel() == 0 or k.numel() == 0:
         return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
     plan = TritonMaskPlan(q, k, kv_lens, q_media, kv_media, media_mode,
-                          K.launch_config(q.device, q.shape[-1]))
+                          K.launch_config("bwd", q.device, q.shape[-1]))
     do = grad_out.contiguous()
     delta = (do.float() * out.float()).sum(-1).transpose(1, 2)  # [B, Hq, Lq]
     if grad_lse is not None:
@@ -266,14 +266,22 @@ def triton_key_attention_mass(q, k, kv_lens=None, q_media=None, kv_media=None,
     if q.numel() == 0 or k.numel() == 0:
         return torch.zeros(q.shape[0], k.shape[1], device=q.device, dtype=torch.float32)
     plan = TritonMaskPlan(q, k, kv_lens, q_media, kv_media, media_mode,
-                          K.launch_config(q.device, q.shape[-1]))
+                          K.launch_config("fwd", q.device, q.shape[-1]))
     return K.key_mass(q, k, plan, resolve_scale(scale, q.shape[-1]))
+
+
+def _triton_backward_reasons(grad_out, grad_lse, q, k, *rest):
+    from mmfast.kernels.cross_attention import BACKWARD_FP32_MAX_HEAD_DIM
+    reasons = _triton_reasons(q, k)
+    if q.dtype == torch.float32 and q.shape[-1] > BACKWARD_FP32_MAX_HEAD_DIM:
+        reasons.append(f"float32 backward with head dim {q.shape[-1]} > "
+                       f"{BACKWARD_FP32_MAX_HEAD_DIM} (its tiles exceed shared memory)")
+    return reasons
 
 
 FORWARD_IMPLS = (_backend.Implementation("triton", "triton", _triton_reasons,
                                          triton_cross_attention),)
-BACKWARD_IMPLS = (_backend.Implementation("triton", "triton",
-                                          lambda g, gl, q, k, *r: _triton_reasons(q, k),
+BACKWARD_IMPLS = (_backend.Implementation("triton", "triton", _triton_backward_reasons,
                                           triton_cross_attention_backward),)
 MASS_IMPLS = (_backend.Implementation("triton", "triton", _triton_reasons,
                                       triton_key_attention_mass),)

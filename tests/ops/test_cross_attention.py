@@ -238,3 +238,58 @@ def test_bad_input_names_the_argument(match, make, kwargs):
         fake_kw = {n: mode.from_tensor(t) if torch.is_tensor(t) else t for n, t in kwargs.items()}
         with pytest.raises((ValueError, RuntimeError), match=match):
             mmfast.ops.cross_attention(*fake, **fake_kw)
+
+
+# --- Triton kernels, in the interpreter on CPU tensors (tiny shapes: it is slow) ----------------
+
+TRITON_CASES = [
+    ("plain gqa d40", (2, 21, 19, 4, 2, 40), {}),
+    ("ragged with empty sample", (2, 9, 23, 2, 1, 72), {"kv_lens": torch.tensor([0, 17])}),
+    ("immediate", (2, 21, 19, 2, 2, 32), "immediate"),
+    ("previous", (2, 21, 19, 2, 1, 40), "previous"),
+]
+
+
+def _triton_case(shape, masks):
+    b, lq, lk, hq, hk, d = shape
+    if isinstance(masks, str):
+        masks = {"q_media": torch.randint(0, 3, (b, lq)), "kv_media": torch.randint(0, 3, (b, lk)),
+                 "media_mode": masks}
+    return masks
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name,shape,masks", TRITON_CASES, ids=[c[0] for c in TRITON_CASES])
+def test_triton_interpreter_matches_reference(dtype, name, shape, masks):
+    from mmfast.ops.cross_attention import (triton_cross_attention, triton_cross_attention_backward,
+                                            triton_key_attention_mass)
+    b, lq, lk, hq, hk, d = shape
+    masks = _triton_case(shape, masks)
+    q = torch.randn(b, lq, hq, d, dtype=dtype)
+    k = torch.randn(b, lk, hk, d, dtype=dtype)
+    v = torch.randn(b, lk, hk, d, dtype=dtype)
+    out, lse = triton_cross_attention(q, k, v, **masks)
+    leaves64, out64, lse64 = _ref((q, k, v), masks, torch.float64)
+    leaves_t, out_t, _ = _ref((q, k, v), masks, dtype)
+    floor = FLOOR[dtype] * (3 if dtype == torch.bfloat16 else 1)  # P is rounded to bf16 for P V
+    assert_attention_close(out, out_t, out64, floor=floor, name=f"{name}: out")
+    _check_lse(lse, lse64)
+    grad = torch.randn_like(out64)
+    g64 = torch.autograd.grad(out64, leaves64, grad)
+    gt = torch.autograd.grad(out_t, leaves_t, grad.to(dtype))
+    full = {"kv_lens": None, "q_media": None, "kv_media": None, "media_mode": "immediate", **masks}
+    ours = triton_cross_attention_backward(grad.to(dtype), None, q, k, v, out, lse, full["kv_lens"],
+                                           full["q_media"], full["kv_media"], full["media_mode"],
+                                           d ** -0.5)
+    for n, a, bt, c in zip("qkv", ours, gt, g64):
+        assert_attention_close(a, bt, c, floor=floor, name=f"{name}: d{n}")
+    mass = triton_key_attention_mass(q, k, **masks)
+    ref = R.key_attention_mass(q.double(), k.double(), **masks)
+    assert_close(mass, ref, atol=2e-3 * max(1.0, ref.abs().max().item()), rtol=0, name="mass")
+
+
+def test_triton_chooser_reasons():
+    from mmfast.ops.cross_attention import FORWARD_IMPLS
+    q = torch.randn(1, 2, 1, 512)
+    reasons = FORWARD_IMPLS[0].reasons(q, q)
+    assert any("head dim 512" in r for r in reasons)
