@@ -53,17 +53,39 @@ void run_tasks(const F& work) {
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) { work(&next); });
 }
 
-// [B, L, H, D] (gemm_ready) -> [B, H, D, L] contiguous: the transposed operand of a tile GEMM.
-// (ATen's strided copy of a permuted view costs several times more than the attention itself.)
-at::Tensor transposed(const at::Tensor& t) {
-  auto out = at::empty({t.size(0), t.size(2), t.size(3), t.size(1)}, t.options());
-  if (out.numel() == 0) return out;
-  const auto kernel = MMFAST_PICK_ISA(xattn_transpose_tasks);
-  run_tasks([&](std::atomic<int64_t>* next) {
-    kernel(t.scalar_type(), t.const_data_ptr(), t.size(0), t.size(1), t.size(2), t.size(3),
-           t.stride(0), row_stride(t), t.stride(2), out.mutable_data_ptr(), next);
-  });
-  return out;
+// A [B, L, H, D] input widened to float32 in one pass: rows [B, L, H, D] (when wanted) and the
+// transposed [B, H, D, L] operand of the tile GEMMs. With `other`, also delta (see
+// XattnWidenArgs). ATen's strided copy of a permuted view is several times slower than this.
+struct Widened {
+  at::Tensor rows, cols, delta;
+};
+
+Widened widen(const at::Tensor& t_in, bool want_rows, const at::Tensor* other = nullptr,
+              const at::Tensor* grad_lse = nullptr) {
+  const auto t = gemm_ready(t_in);
+  const int64_t B = t.size(0), L = t.size(1), H = t.size(2), D = t.size(3);
+  const auto f32 = t.options().dtype(at::kFloat);
+  Widened w;
+  w.rows = want_rows ? at::empty({B, L, H, D}, f32) : at::Tensor();
+  w.cols = at::empty({B, H, D, L}, f32);
+  XattnWidenArgs a{t.scalar_type(), t.const_data_ptr(), B, L, H, D, t.stride(0), row_stride(t),
+                   t.stride(2), want_rows ? w.rows.mutable_data_ptr<float>() : nullptr,
+                   w.cols.mutable_data_ptr<float>(), nullptr, 0, 0, 0, nullptr, nullptr};
+  at::Tensor o, gl;
+  if (other != nullptr) {
+    o = gemm_ready(*other);
+    w.delta = at::empty({B, H, L}, f32);
+    a.other = o.const_data_ptr();
+    a.ob = o.stride(0); a.ol = row_stride(o); a.oh = o.stride(2);
+    a.delta = w.delta.mutable_data_ptr<float>();
+    if (grad_lse != nullptr) {
+      gl = grad_lse->to(at::kFloat).contiguous();
+      a.grad_lse = gl.const_data_ptr<float>();
+    }
+  }
+  if (t.numel() == 0) return w;
+  run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_widen_tasks)(a, next); });
+  return w;
 }
 
 std::vector<int64_t> as_int64(const at::Tensor& t) {
@@ -218,33 +240,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
     TORCH_CHECK_VALUE(grad_lse->sizes() == lse.sizes(), op, ": grad_lse must have the shape of lse ",
                       lse.sizes(), ", got ", grad_lse->sizes());
   }
-  // The backward kernels run on float32 tensors: 16-bit inputs are widened once here (see
-  // forward_impl for why the tile GEMMs are float32 on CPUs without AMX).
-  const auto q = gemm_ready(q_in.to(at::kFloat)), k = gemm_ready(k_in.to(at::kFloat));
-  const auto v = gemm_ready(v_in.to(at::kFloat));
-  const int64_t Lk = k.size(1), Hk = k.size(2);
-  auto dq = at::empty({B, Lq, Hq, D}, q.options());
-  auto dk = at::empty({B, Lk, Hk, D}, q.options());
-  auto dv = at::empty({B, Lk, Hk, D}, q.options());
+  const int64_t Lk = k_in.size(1), Hk = k_in.size(2);
   const auto dtype = q_in.scalar_type();
-  if (q.numel() == 0 || k.numel() == 0) {
-    return {dq.zero_().to(dtype), dk.zero_().to(dtype), dv.zero_().to(dtype)};
-  }
+  auto dq = at::empty({B, Lq, Hq, D}, q_in.options());
+  auto dk = at::empty({B, Lk, Hk, D}, q_in.options());
+  auto dv = at::empty({B, Lk, Hk, D}, q_in.options());
+  if (q_in.numel() == 0 || k_in.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
   const MaskPlan m = plan_mask(op, B, Lq, Lk, immediate, kv_lens, q_media, kv_media);
-  const auto dout = grad_out.to(at::kFloat).contiguous();
+  // The backward kernels read float32: every input is widened once here, together with its
+  // transposed copy (see forward_impl for why the tile GEMMs are float32 on CPUs without AMX).
   // delta_i = sum_d dO_id O_id - grad_lse_i: d(loss)/d(s_ij) = P_ij (dP_ij - delta_i).
-  auto delta = dout.mul(out.to(at::kFloat)).sum(at::IntArrayRef{-1}).transpose(1, 2);
-  if (grad_lse.has_value()) delta = delta.sub(grad_lse->to(at::kFloat));
-  delta = delta.contiguous();
+  const at::Tensor* glse = grad_lse.has_value() ? &*grad_lse : nullptr;
+  const Widened q = widen(q_in, true), k = widen(k_in, true), v = widen(v_in, true);
+  const Widened dout = widen(grad_out, true, &out, glse);
   const auto lse_c = lse.contiguous();
-  const auto kt = transposed(k), vt = transposed(v), qt = transposed(q), doutt = transposed(dout);
-  XattnBackwardArgs a{make_problem(q, k, &v, &kt, m, scale), vt.const_data_ptr(),
-                      qt.const_data_ptr(), dout.const_data_ptr(), doutt.const_data_ptr(),
-                      lse_c.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+  XattnProblem p = make_problem(q.rows, k.rows, &v.rows, &k.cols, m, scale);
+  p.dtype = at::kFloat;
+  XattnBackwardArgs a{p, v.cols.const_data_ptr(), q.cols.const_data_ptr(),
+                      dout.rows.const_data_ptr(), dout.cols.const_data_ptr(),
+                      lse_c.const_data_ptr<float>(), dout.delta.const_data_ptr<float>(), dtype,
                       dq.mutable_data_ptr(), dk.mutable_data_ptr(), dv.mutable_data_ptr()};
   run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_backward_dq_tasks)(a, next); });
   run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_backward_dkdv_tasks)(a, next); });
-  return {dq.to(dtype), dk.to(dtype), dv.to(dtype)};
+  return {dq, dk, dv};
 }
 
 at::Tensor key_attention_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -255,15 +273,17 @@ at::Tensor key_attention_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in
   const char* op = "key_attention_mass";
   const bool immediate = check_cross_attention_args(op, q_in, k_in, std::nullopt, kv_lens, q_media,
                                                     kv_media, media_mode);
-  // float32 tensors, as in the backward.
-  const auto q = gemm_ready(q_in.to(at::kFloat)), k = gemm_ready(k_in.to(at::kFloat));
-  const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3), Lk = k.size(1);
+  const int64_t B = q_in.size(0), Lq = q_in.size(1), Hq = q_in.size(2), D = q_in.size(3);
+  const int64_t Lk = k_in.size(1);
   const MaskPlan m = plan_mask(op, B, Lq, Lk, immediate, kv_lens, q_media, kv_media);
-  auto mass = at::empty({B, Lk}, q.options().dtype(at::kFloat));
-  if (q.numel() == 0 || k.numel() == 0) return mass.zero_();
-  auto lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
-  const auto qt = transposed(q);
-  const XattnProblem p = make_problem(q, k, nullptr, nullptr, m, resolve_scale(scale, D));
+  auto mass = at::empty({B, Lk}, q_in.options().dtype(at::kFloat));
+  if (q_in.numel() == 0 || k_in.numel() == 0) return mass.zero_();
+  auto lse = at::empty({B, Hq, Lq}, q_in.options().dtype(at::kFloat));
+  // float32 operands, as in the backward.
+  const Widened q = widen(q_in, true), k = widen(k_in, true);
+  const auto& qt = q.cols;
+  XattnProblem p = make_problem(q.rows, k.rows, nullptr, nullptr, m, resolve_scale(scale, D));
+  p.dtype = at::kFloat;
   // Two passes: the row statistics (lse) first, then per key block the probabilities it gets.
   const XattnForwardArgs stats{p, false, nullptr, lse.mutable_data_ptr<float>()};
   run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_forward_tasks)(stats, next); });

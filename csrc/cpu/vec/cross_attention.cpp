@@ -295,6 +295,7 @@ inline void safe_lse(const float* lse, int64_t n, float* out) {
 // Backward and key mass take float32 tensors (the caller widens 16-bit inputs once).
 using T = float;
 
+template <typename Out>
 void dq_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
   const XattnProblem& p = a.p;
   const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
@@ -331,11 +332,12 @@ void dq_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
       gemm<T>(M, D, N, dP.data(), BN, k + j0 * p.k_sl, p.k_sl, dQ.data(), D, true);
     }
     for (int64_t r = 0; r < M; ++r) {
-      store_row(dQ.data() + r * D, static_cast<T*>(a.dq) + ((b * p.Lq + i0 + r) * p.Hq + h) * D, D);
+      store_row(dQ.data() + r * D, static_cast<Out*>(a.dq) + ((b * p.Lq + i0 + r) * p.Hq + h) * D, D);
     }
   }
 }
 
+template <typename Out>
 void dkdv_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
   const XattnProblem& p = a.p;
   const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
@@ -382,8 +384,8 @@ void dkdv_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
     }
     for (int64_t n = 0; n < N; ++n) {
       const int64_t row = ((b * p.Lk + j0 + n) * p.Hk + hk) * D;
-      store_row(dK.data() + n * D, static_cast<T*>(a.dk) + row, D);
-      store_row(dV.data() + n * D, static_cast<T*>(a.dv) + row, D);
+      store_row(dK.data() + n * D, static_cast<Out*>(a.dk) + row, D);
+      store_row(dV.data() + n * D, static_cast<Out*>(a.dv) + row, D);
     }
   }
 }
@@ -421,31 +423,41 @@ void mass_impl(const XattnMassArgs& a, std::atomic<int64_t>* next) {
   }
 }
 
-template <typename T>
-void transpose_impl(const T* src, int64_t B, int64_t L, int64_t H, int64_t D, int64_t sb,
-                    int64_t sl, int64_t sh, T* dst, std::atomic<int64_t>* next) {
-  for (int64_t t; (t = next->fetch_add(1)) < B * H;) {
-    transpose_block(src + (t / H) * sb + (t % H) * sh, sl, dst + t * D * L, L, L, D);
+template <typename S>
+void widen_impl(const XattnWidenArgs& a, std::atomic<int64_t>* next) {
+  constexpr int64_t R = 16;  // rows per piece: the piece stays in L1 between its two writes
+  const int64_t D = a.D, L = a.L, H = a.H;
+  std::vector<float> buf(R * D), other(a.other != nullptr ? D : 0);
+  for (int64_t t; (t = next->fetch_add(1)) < a.B * H;) {
+    const int64_t b = t / H, h = t % H;
+    const S* src = static_cast<const S*>(a.src) + b * a.sb + h * a.sh;
+    for (int64_t l0 = 0; l0 < L; l0 += R) {
+      const int64_t n = std::min(R, L - l0);
+      load_rows(src + l0 * a.sl, a.sl, n, D, buf.data());
+      for (int64_t r = 0; r < n; ++r) {
+        const float* row = buf.data() + r * D;
+        if (a.rows != nullptr) std::copy(row, row + D, a.rows + ((b * L + l0 + r) * H + h) * D);
+        if (a.other == nullptr) continue;
+        const S* o = static_cast<const S*>(a.other) + b * a.ob + (l0 + r) * a.ol + h * a.oh;
+        load_rows(o, D, 1, D, other.data());
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += row[d] * other[d];
+        const int64_t i = (b * H + h) * L + l0 + r;
+        a.delta[i] = dot - (a.grad_lse != nullptr ? a.grad_lse[i] : 0.f);
+      }
+      transpose_block(buf.data(), D, a.cols + t * D * L + l0, L, n, D);
+    }
   }
 }
 
 }  // namespace
 
-void xattn_transpose_tasks(c10::ScalarType dtype, const void* src, int64_t B, int64_t L,
-                           int64_t H, int64_t D, int64_t sb, int64_t sl, int64_t sh, void* dst,
-                           std::atomic<int64_t>* next_task) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      return transpose_impl(static_cast<const float*>(src), B, L, H, D, sb, sl, sh,
-                            static_cast<float*>(dst), next_task);
-    case c10::ScalarType::Half:
-      return transpose_impl(static_cast<const c10::Half*>(src), B, L, H, D, sb, sl, sh,
-                            static_cast<c10::Half*>(dst), next_task);
-    case c10::ScalarType::BFloat16:
-      return transpose_impl(static_cast<const c10::BFloat16*>(src), B, L, H, D, sb, sl, sh,
-                            static_cast<c10::BFloat16*>(dst), next_task);
-    default:
-      return;
+void xattn_widen_tasks(const XattnWidenArgs& a, std::atomic<int64_t>* next_task) {
+  switch (a.dtype) {
+    case c10::ScalarType::Float: return widen_impl<float>(a, next_task);
+    case c10::ScalarType::Half: return widen_impl<c10::Half>(a, next_task);
+    case c10::ScalarType::BFloat16: return widen_impl<c10::BFloat16>(a, next_task);
+    default: return;  // checked by the caller
   }
 }
 
@@ -459,11 +471,21 @@ void xattn_forward_tasks(const XattnForwardArgs& a, std::atomic<int64_t>* next_t
 }
 
 void xattn_backward_dq_tasks(const XattnBackwardArgs& a, std::atomic<int64_t>* next_task) {
-  dq_impl(a, next_task);
+  switch (a.out_dtype) {
+    case c10::ScalarType::Float: return dq_impl<float>(a, next_task);
+    case c10::ScalarType::Half: return dq_impl<c10::Half>(a, next_task);
+    case c10::ScalarType::BFloat16: return dq_impl<c10::BFloat16>(a, next_task);
+    default: return;
+  }
 }
 
 void xattn_backward_dkdv_tasks(const XattnBackwardArgs& a, std::atomic<int64_t>* next_task) {
-  dkdv_impl(a, next_task);
+  switch (a.out_dtype) {
+    case c10::ScalarType::Float: return dkdv_impl<float>(a, next_task);
+    case c10::ScalarType::Half: return dkdv_impl<c10::Half>(a, next_task);
+    case c10::ScalarType::BFloat16: return dkdv_impl<c10::BFloat16>(a, next_task);
+    default: return;
+  }
 }
 
 void xattn_mass_tasks(const XattnMassArgs& a, std::atomic<int64_t>* next_task) {

@@ -52,6 +52,7 @@ struct XattnForwardArgs {
   float* lse;                  // [B, Hq, Lq]
 };
 
+// Backward inputs are float32 (widened by xattn_widen_tasks); dq/dk/dv in out_dtype.
 struct XattnBackwardArgs {
   XattnProblem p;
   const void* vt;              // [B, Hk, D, Lk] V transposed
@@ -60,6 +61,7 @@ struct XattnBackwardArgs {
   const void* doutt;           // [B, Hq, D, Lq] dout transposed
   const float* lse;            // [B, Hq, Lq]
   const float* delta;          // [B, Hq, Lq] rowsum(dout * out) - grad_lse
+  c10::ScalarType out_dtype;   // of dq, dk, dv
   void* dq;                    // [B, Lq, Hq, D] contiguous
   void* dk;                    // [B, Lk, Hk, D] contiguous
   void* dv;
@@ -74,13 +76,24 @@ struct XattnMassArgs {
 
 }  // namespace mmfast::cpu
 
-// dst[b, h, :, :] = src[b, :, h, :]ᵀ for every (b, h): [B, L, H, D] (strides in elements, last
-// dim contiguous) -> [B, H, D, L] contiguous, the transposed operand of the tile GEMMs (brgemm
-// takes no transpose flag). Tasks (b, h).
+// One pass over a [B, L, H, D] input (any float dtype, strides in elements, last dim contiguous),
+// tasks (b, h): widened to float32 rows `rows` [B, L, H, D] (null: not wanted) and float32
+// transposed `cols` [B, H, D, L] (the transposed operand of the tile GEMMs: brgemm takes no
+// transpose flag). With `other` (same shape and dtype, e.g. out for dout) also
+// delta[b, h, l] = sum_d src * other - grad_lse[b, h, l] (grad_lse may be null), float32.
+namespace mmfast::cpu {
+struct XattnWidenArgs {
+  c10::ScalarType dtype;
+  const void* src; int64_t B, L, H, D, sb, sl, sh;
+  float* rows;
+  float* cols;
+  const void* other; int64_t ob, ol, oh;
+  const float* grad_lse;
+  float* delta;
+};
+}  // namespace mmfast::cpu
 MMFAST_DECLARE_ISA_KERNEL(
-    void xattn_transpose_tasks(c10::ScalarType dtype, const void* src, int64_t B, int64_t L,
-                               int64_t H, int64_t D, int64_t sb, int64_t sl, int64_t sh, void* dst,
-                               std::atomic<int64_t>* next_task))
+    void xattn_widen_tasks(const ::mmfast::cpu::XattnWidenArgs& a, std::atomic<int64_t>* next_task))
 // Tasks (b, hq, query tile).
 MMFAST_DECLARE_ISA_KERNEL(
     void xattn_forward_tasks(const ::mmfast::cpu::XattnForwardArgs& a,
