@@ -110,7 +110,7 @@ MaskPlan plan_mask(const char* op, int64_t B, int64_t Lq, int64_t Lk, bool immed
   const bool media = q_media.has_value();
   m.immediate = media && immediate;
   m.block_n = key_block(media, Lk);
-  const int64_t kBlockN = m.block_n;
+  const int64_t block_n = m.block_n;
   m.qcode.assign(B * Lq, 0.f);
   m.kcode.assign(B * Lk, 0.f);
   std::vector<int64_t> lens(B, Lk);
@@ -141,7 +141,7 @@ MaskPlan plan_mask(const char* op, int64_t B, int64_t Lq, int64_t Lk, bool immed
       if (j >= lens[b] || (media && c == 0.f)) c = never;
     }
   }
-  const int64_t nqt = ceil_div(Lq, kBlockM), nkb = ceil_div(Lk, kBlockN);
+  const int64_t nqt = ceil_div(Lq, kBlockM), nkb = ceil_div(Lk, block_n);
   m.q_lo.assign(B * nqt, 0.f);
   m.q_hi.assign(B * nqt, 0.f);
   for (int64_t b = 0; b < B; ++b) {
@@ -159,7 +159,7 @@ MaskPlan plan_mask(const char* op, int64_t B, int64_t Lq, int64_t Lk, bool immed
   for (int64_t b = 0; b < B; ++b) {
     for (int64_t kb = 0; kb < nkb; ++kb) {
       KeyBlockSummary& s = m.kblk[b * nkb + kb];
-      for (int64_t j = kb * kBlockN; j < std::min(Lk, (kb + 1) * kBlockN); ++j) {
+      for (int64_t j = kb * block_n; j < std::min(Lk, (kb + 1) * block_n); ++j) {
         const float c = m.kcode[b * Lk + j];
         if (c == never) {
           s.all_valid = false;
