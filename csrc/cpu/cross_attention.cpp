@@ -66,10 +66,13 @@ Widened widen(const at::Tensor& t_in, bool want_rows, const at::Tensor* other = 
   const int64_t B = t.size(0), L = t.size(1), H = t.size(2), D = t.size(3);
   const auto f32 = t.options().dtype(at::kFloat);
   Widened w;
-  w.rows = want_rows ? at::empty({B, L, H, D}, f32) : at::Tensor();
+  // A float32 input that is already contiguous is its own rows: no copy.
+  const bool own_rows = want_rows && t.scalar_type() == at::kFloat && t.is_contiguous();
+  w.rows = own_rows ? t : want_rows ? at::empty({B, L, H, D}, f32) : at::Tensor();
   w.cols = at::empty({B, H, D, L}, f32);
   XattnWidenArgs a{t.scalar_type(), t.const_data_ptr(), B, L, H, D, t.stride(0), row_stride(t),
-                   t.stride(2), want_rows ? w.rows.mutable_data_ptr<float>() : nullptr,
+                   t.stride(2),
+                   want_rows && !own_rows ? w.rows.mutable_data_ptr<float>() : nullptr,
                    w.cols.mutable_data_ptr<float>(), nullptr, 0, 0, 0, nullptr, nullptr};
   at::Tensor o, gl;
   if (other != nullptr) {
