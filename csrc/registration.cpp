@@ -44,4 +44,10 @@ TORCH_LIBRARY(mmfast, m) {
   m.def("_bipartite_merge_backward_cuda(Tensor grad_merged, Tensor dest, Tensor? size, Tensor merged_size) -> Tensor");
   m.def("prune_tokens(Tensor x, Tensor scores, int keep) -> (Tensor, Tensor)");
   m.def("prune_tokens_backward(Tensor grad_kept, Tensor index, int n) -> Tensor");
+
+  // cross_attention returns (out, lse) always; the Python wrapper drops lse unless return_lse.
+  // The mask tensors are not keyword-only in the schema: register_autograd requires that.
+  m.def("cross_attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens=None, Tensor? q_media=None, Tensor? kv_media=None, str media_mode=\"immediate\", float? scale=None) -> (Tensor, Tensor)");
+  m.def("cross_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? kv_lens, Tensor? q_media, Tensor? kv_media, str media_mode, float scale) -> (Tensor, Tensor, Tensor)");
+  m.def("key_attention_mass(Tensor q, Tensor k, Tensor? kv_lens=None, Tensor? q_media=None, Tensor? kv_media=None, str media_mode=\"immediate\", float? scale=None) -> Tensor");
 }

@@ -1,0 +1,495 @@
+// cross_attention / key_attention_mass tile loops (flash-style), compiled once per ISA.
+//
+// Forward, per task (b, h, query tile of M rows), over the key blocks the tile may attend:
+//   S = Q Kᵀ (tile GEMM)  ->  masked, scaled, online softmax in float32  ->  O += P V (GEMM)
+// Backward recomputes P from the saved lse: P = exp(S·scale - lse), dS = P ∘ (dP - delta)·scale
+// with dP = dO Vᵀ and delta = rowsum(dO ∘ O) - grad_lse; dq over query tiles, dk/dv over key
+// blocks, so no two tasks write the same output. Tile GEMMs go through ATen's cpublas::brgemm
+// (float32 accumulation whatever the input type).
+#include "cpu/vec/cross_attention.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace mmfast::cpu::CPU_CAPABILITY {
+
+namespace {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t W = fVec::size();
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+enum class Rel { Skip, Full, Partial };
+
+// Whether a query tile with codes in [qlo, qhi] can attend a key block at all (Skip), attends
+// every key of it (Full: no per-element mask needed), or needs the per-element rule (Partial).
+inline Rel classify(bool immediate, float qlo, float qhi, const KeyBlockSummary& kb) {
+  if (!kb.any_valid) return Rel::Skip;
+  if (immediate) {
+    if (qhi < kb.lo || qlo > kb.hi) return Rel::Skip;
+    const bool full = kb.all_valid && qlo == qhi && kb.lo == kb.hi && qlo == kb.lo;
+    return full ? Rel::Full : Rel::Partial;
+  }
+  if (kb.lo > qhi) return Rel::Skip;
+  return kb.all_valid && kb.hi <= qlo ? Rel::Full : Rel::Partial;
+}
+
+inline bool allowed(bool immediate, float kcode, float qcode) {
+  return immediate ? kcode == qcode : kcode <= qcode;
+}
+
+inline fVec allowed(bool immediate, const fVec& kcode, const fVec& qcode) {
+  return immediate ? (kcode == qcode) : (kcode <= qcode);
+}
+
+// C[M, N] (+)= A[M, K] B[K, N], row-major with leading dimensions, float32 accumulation.
+// Without packed (VNNI) operands: could_pack() is false on CPUs without AMX, where brgemm runs
+// oneDNN/MKL's GEMM on the plain layout.
+template <typename T>
+inline void gemm(int64_t M, int64_t N, int64_t K, const T* A, int64_t lda, const T* B,
+                 int64_t ldb, float* C, int64_t ldc, bool add) {
+  at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add, A, B, C, /*is_vnni=*/false);
+}
+
+inline float hmax(const fVec& v) {
+  float buf[W];
+  v.store(buf);
+  float m = buf[0];
+  for (int64_t i = 1; i < W; ++i) m = std::max(m, buf[i]);
+  return m;
+}
+
+inline float hsum(const fVec& v) {
+  float buf[W];
+  v.store(buf);
+  float s = 0.f;
+  for (int64_t i = 0; i < W; ++i) s += buf[i];
+  return s;
+}
+
+// x[0..n) *= a
+inline void scale_row(float* x, int64_t n, float a) {
+  const fVec va(a);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) (fVec::loadu(x + j) * va).store(x + j);
+  if (j < n) (fVec::loadu(x + j, n - j) * va).store(x + j, n - j);
+}
+
+template <typename T>
+inline void store_row(const float* src, T* dst, int64_t n) {
+  if constexpr (std::is_same_v<T, float>) {
+    std::copy(src, src + n, dst);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
+
+// One row of the online softmax over a key block. s[0..n) holds raw scores q·k; on return it
+// holds p = exp(s·scale - m_new) (0 where masked). kcode is null for a Full block. Updates the
+// running max m and sum l; returns the factor alpha by which earlier output must be rescaled.
+inline float online_softmax_row(float* s, int64_t n, float scale, const float* kcode, float qcode,
+                                bool immediate, float& m, float& l) {
+  const fVec vscale(scale), vq(qcode), ninf(-kInf);
+  fVec vmax(-kInf);
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    fVec x = fVec::loadu(s + j) * vscale;
+    if (kcode != nullptr) x = fVec::blendv(ninf, x, allowed(immediate, fVec::loadu(kcode + j), vq));
+    x.store(s + j);
+    vmax = at::vec::maximum(vmax, x);
+  }
+  float bmax = hmax(vmax);
+  for (; j < n; ++j) {
+    float x = s[j] * scale;
+    if (kcode != nullptr && !allowed(immediate, kcode[j], qcode)) x = -kInf;
+    s[j] = x;
+    bmax = std::max(bmax, x);
+  }
+  const float m_new = std::max(m, bmax);
+  if (m_new == -kInf) {  // no allowed key for this row yet: contributes nothing
+    std::fill(s, s + n, 0.f);
+    return 1.f;
+  }
+  const float alpha = m == -kInf ? 0.f : std::exp(m - m_new);
+  const fVec vm(m_new);
+  fVec vsum(0.f);
+  j = 0;
+  for (; j + W <= n; j += W) {
+    const fVec e = (fVec::loadu(s + j) - vm).exp_u20();
+    e.store(s + j);
+    vsum = vsum + e;
+  }
+  float sum = hsum(vsum);
+  for (; j < n; ++j) {
+    s[j] = std::exp(s[j] - m_new);
+    sum += s[j];
+  }
+  l = l * alpha + sum;
+  m = m_new;
+  return alpha;
+}
+
+// One row of recomputed probabilities and their score gradient, vectorized over the row:
+//   p = allowed ? exp(s·scale - lse) : 0;   ds = p (dp - delta) scale  (ds written over dp)
+// Row form (dq): one query, keys along the row: lse/delta/qcode scalars, kcode a vector.
+// Column form (dk/dv, mass): one key, queries along the row: lse/delta/qcode vectors.
+// lse is +inf for queries without any allowed key, which makes p exactly 0.
+template <bool kColumn>
+inline float prob_row(float* s, float* dp, int64_t n, float scale, bool immediate,
+                      const float* kcode, float kscalar, const float* qcode, float qscalar,
+                      const float* lse, float lse_s, const float* delta, float delta_s) {
+  const fVec vscale(scale), zero(0.f);
+  fVec vsum(0.f);
+  int64_t j = 0;
+  auto body = [&](int64_t j, int64_t cnt) {
+    const bool full = cnt == W;
+    fVec x = full ? fVec::loadu(s + j) : fVec::loadu(s + j, cnt);
+    const fVec vl = kColumn ? (full ? fVec::loadu(lse + j) : fVec::loadu(lse + j, cnt)) : fVec(lse_s);
+    fVec pv = (x * vscale - vl).exp_u20();
+    if (kColumn ? qcode != nullptr : kcode != nullptr) {
+      const fVec kc = kColumn ? fVec(kscalar) : (full ? fVec::loadu(kcode + j) : fVec::loadu(kcode + j, cnt));
+      const fVec qc = kColumn ? (full ? fVec::loadu(qcode + j) : fVec::loadu(qcode + j, cnt)) : fVec(qscalar);
+      pv = fVec::blendv(zero, pv, allowed(immediate, kc, qc));
+    }
+    if (!full) pv = fVec::set(zero, pv, cnt);  // lanes past the row stay out of the sum
+    if (full) pv.store(s + j); else pv.store(s + j, cnt);
+    vsum = vsum + pv;
+    if (dp != nullptr) {
+      const fVec vd = kColumn ? (full ? fVec::loadu(delta + j) : fVec::loadu(delta + j, cnt)) : fVec(delta_s);
+      const fVec g = full ? fVec::loadu(dp + j) : fVec::loadu(dp + j, cnt);
+      const fVec ds = pv * (g - vd) * vscale;
+      if (full) ds.store(dp + j); else ds.store(dp + j, cnt);
+    }
+  };
+  for (; j + W <= n; j += W) body(j, W);
+  if (j < n) body(j, n - j);
+  return hsum(vsum);
+}
+
+template <typename T>
+const T* ptr(const void* p) { return static_cast<const T*>(p); }
+
+// dst[c * ld_dst + r] = src[r * ld_src + c] for r < rows, c < cols, in 16 x 16 pieces (ATen's
+// in-register transposes on AVX512; its 16-bit versions take at most 32 x 32).
+template <typename T>
+inline void transpose_block(const T* src, int64_t ld_src, T* dst, int64_t ld_dst, int64_t rows,
+                            int64_t cols) {
+  constexpr int64_t TB = 16;
+  for (int64_t r = 0; r < rows; r += TB) {
+    for (int64_t c = 0; c < cols; c += TB) {
+      at::vec::transpose_mxn<T>(src + r * ld_src + c, ld_src, dst + c * ld_dst + r, ld_dst,
+                                static_cast<int>(std::min(TB, rows - r)),
+                                static_cast<int>(std::min(TB, cols - c)));
+    }
+  }
+}
+
+// Loads rows [rows, cols] of T (leading dimension ld) into float32 dst (leading dimension cols).
+template <typename T>
+inline void load_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, float* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    if constexpr (std::is_same_v<T, float>) {
+      std::copy(src + r * ld, src + r * ld + cols, dst + r * cols);
+    } else {
+      at::vec::convert(src + r * ld, dst + r * cols, cols);
+    }
+  }
+}
+
+// Storage type T, all tile GEMMs in float32: 16-bit tiles are widened in cache (Q once per task,
+// K and V once per block). Without AMX (could_pack() false here) ATen's bf16/fp16 brgemm runs
+// well below the float32 GEMM rate, and widening costs a few percent of a GEMM.
+template <typename T>
+void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
+  const XattnProblem& p = a.p;
+  const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
+  const int64_t nqt = ceil_div(p.Lq, BM), nkb = ceil_div(p.Lk, BN);
+  const int64_t group = p.Hq / p.Hk;
+  const int64_t ntasks = p.B * p.Hq * nqt;
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  std::vector<float> S(BM * BN), O(a.with_values ? BM * D : 0), m(BM), l(BM), orow(D);
+  std::vector<float> Kt(D * BN), Qf(kFloat ? 0 : BM * D), Vf(kFloat ? 0 : BN * D);
+  std::vector<T> KtT(kFloat ? 0 : D * BN);
+  for (int64_t t; (t = next->fetch_add(1)) < ntasks;) {
+    const int64_t qt = t % nqt, h = (t / nqt) % p.Hq, b = t / (nqt * p.Hq);
+    const int64_t i0 = qt * BM, M = std::min(BM, p.Lq - i0), hk = h / group;
+    const T* q = ptr<T>(p.q) + b * p.q_sb + i0 * p.q_sl + h * p.q_sh;
+    const T* k = ptr<T>(p.k) + b * p.k_sb + hk * p.k_sh;
+    const T* v = ptr<T>(p.v) + b * p.v_sb + hk * p.v_sh;
+    const float* qc = p.qcode + b * p.Lq + i0;
+    const float qlo = p.q_tile_lo[b * nqt + qt], qhi = p.q_tile_hi[b * nqt + qt];
+    std::fill(m.begin(), m.end(), -kInf);
+    std::fill(l.begin(), l.end(), 0.f);
+    if (a.with_values) std::fill(O.begin(), O.begin() + M * D, 0.f);
+    const float* qf = reinterpret_cast<const float*>(q);
+    int64_t ld_q = p.q_sl;
+    bool q_loaded = kFloat;
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const Rel rel = classify(p.immediate, qlo, qhi, p.kblk[b * nkb + kb]);
+      if (rel == Rel::Skip) continue;
+      const int64_t j0 = kb * BN, N = std::min(BN, p.Lk - j0);
+      if (!q_loaded) {
+        load_rows(q, p.q_sl, M, D, Qf.data());
+        qf = Qf.data();
+        ld_q = D;
+        q_loaded = true;
+      }
+      // Kᵀ of this block, transposed here in cache: a transposed copy of all of K up front
+      // would be one more pass over memory, which costs as much as the GEMMs at these sizes.
+      if constexpr (kFloat) {
+        transpose_block(k + j0 * p.k_sl, p.k_sl, Kt.data(), BN, N, D);
+      } else {
+        transpose_block(k + j0 * p.k_sl, p.k_sl, KtT.data(), BN, N, D);
+        load_rows(KtT.data(), BN, D, BN, Kt.data());
+      }
+      gemm<float>(M, N, D, qf, ld_q, Kt.data(), BN, S.data(), BN, false);
+      const float* kc = rel == Rel::Partial ? p.kcode + b * p.Lk + j0 : nullptr;
+      for (int64_t r = 0; r < M; ++r) {
+        float* srow = S.data() + r * BN;
+        const float alpha = online_softmax_row(srow, N, p.scale, kc, qc[r], p.immediate, m[r], l[r]);
+        if (a.with_values && alpha != 1.f) scale_row(O.data() + r * D, D, alpha);
+      }
+      if (a.with_values) {
+        const float* vf = reinterpret_cast<const float*>(v + j0 * p.v_sl);
+        int64_t ld_v = p.v_sl;
+        if constexpr (!kFloat) {
+          load_rows(v + j0 * p.v_sl, p.v_sl, N, D, Vf.data());
+          vf = Vf.data();
+          ld_v = D;
+        }
+        gemm<float>(M, D, N, S.data(), BN, vf, ld_v, O.data(), D, true);
+      }
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      const bool any = l[r] > 0.f;
+      a.lse[(b * p.Hq + h) * p.Lq + i0 + r] = any ? m[r] + std::log(l[r]) : -kInf;
+      if (!a.with_values) continue;
+      T* out = static_cast<T*>(a.out) + ((b * p.Lq + i0 + r) * p.Hq + h) * D;
+      if (!any) {
+        std::fill(out, out + D, T(0));
+        continue;
+      }
+      std::copy(O.data() + r * D, O.data() + (r + 1) * D, orow.data());
+      scale_row(orow.data(), D, 1.f / l[r]);
+      store_row(orow.data(), out, D);
+    }
+  }
+}
+
+// lse of a query tile with -inf (no allowed key) turned into +inf so that exp(s - lse) is 0.
+inline void safe_lse(const float* lse, int64_t n, float* out) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::isinf(lse[i]) ? kInf : lse[i];
+}
+
+// Backward and key mass take float32 tensors (the caller widens 16-bit inputs once).
+using T = float;
+
+template <typename Out>
+void dq_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
+  const XattnProblem& p = a.p;
+  const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
+  const int64_t nqt = ceil_div(p.Lq, BM), nkb = ceil_div(p.Lk, BN);
+  const int64_t group = p.Hq / p.Hk;
+  const int64_t ntasks = p.B * p.Hq * nqt;
+  const int64_t ld_do = p.Hq * D;
+  std::vector<float> S(BM * BN), dP(BM * BN), dQ(BM * D), lse(BM);
+  for (int64_t t; (t = next->fetch_add(1)) < ntasks;) {
+    const int64_t qt = t % nqt, h = (t / nqt) % p.Hq, b = t / (nqt * p.Hq);
+    const int64_t i0 = qt * BM, M = std::min(BM, p.Lq - i0), hk = h / group;
+    const T* q = ptr<T>(p.q) + b * p.q_sb + i0 * p.q_sl + h * p.q_sh;
+    const T* dout = ptr<T>(a.dout) + (b * p.Lq + i0) * ld_do + h * D;
+    const T* kt = ptr<T>(p.kt) + (b * p.Hk + hk) * D * p.Lk;
+    const T* vt = ptr<T>(a.vt) + (b * p.Hk + hk) * D * p.Lk;
+    const T* k = ptr<T>(p.k) + b * p.k_sb + hk * p.k_sh;
+    const float* qc = p.qcode + b * p.Lq + i0;
+    const float* delta = a.delta + (b * p.Hq + h) * p.Lq + i0;
+    safe_lse(a.lse + (b * p.Hq + h) * p.Lq + i0, M, lse.data());
+    const float qlo = p.q_tile_lo[b * nqt + qt], qhi = p.q_tile_hi[b * nqt + qt];
+    std::fill(dQ.begin(), dQ.begin() + M * D, 0.f);
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      const Rel rel = classify(p.immediate, qlo, qhi, p.kblk[b * nkb + kb]);
+      if (rel == Rel::Skip) continue;
+      const int64_t j0 = kb * BN, N = std::min(BN, p.Lk - j0);
+      gemm<T>(M, N, D, q, p.q_sl, kt + j0, p.Lk, S.data(), BN, false);
+      gemm<T>(M, N, D, dout, ld_do, vt + j0, p.Lk, dP.data(), BN, false);
+      const float* kc = rel == Rel::Partial ? p.kcode + b * p.Lk + j0 : nullptr;
+      for (int64_t r = 0; r < M; ++r) {
+        float* dprow = dP.data() + r * BN;
+        prob_row<false>(S.data() + r * BN, dprow, N, p.scale, p.immediate, kc, 0.f, nullptr,
+                        qc[r], nullptr, lse[r], nullptr, delta[r]);
+      }
+      gemm<T>(M, D, N, dP.data(), BN, k + j0 * p.k_sl, p.k_sl, dQ.data(), D, true);
+    }
+    for (int64_t r = 0; r < M; ++r) {
+      store_row(dQ.data() + r * D, static_cast<Out*>(a.dq) + ((b * p.Lq + i0 + r) * p.Hq + h) * D, D);
+    }
+  }
+}
+
+template <typename Out>
+void dkdv_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
+  const XattnProblem& p = a.p;
+  const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
+  const int64_t nqt = ceil_div(p.Lq, BM), nkb = ceil_div(p.Lk, BN);
+  const int64_t group = p.Hq / p.Hk;
+  const int64_t ntasks = p.B * p.Hk * nkb;
+  const int64_t ld_do = p.Hq * D;
+  // Transposed tiles: row n is one key, columns are the queries of the tile.
+  std::vector<float> St(BN * BM), dPt(BN * BM), dK(BN * D), dV(BN * D), lse(BM);
+  for (int64_t t; (t = next->fetch_add(1)) < ntasks;) {
+    const int64_t kb = t % nkb, hk = (t / nkb) % p.Hk, b = t / (nkb * p.Hk);
+    const int64_t j0 = kb * BN, N = std::min(BN, p.Lk - j0);
+    const T* k = ptr<T>(p.k) + b * p.k_sb + j0 * p.k_sl + hk * p.k_sh;
+    const T* v = ptr<T>(p.v) + b * p.v_sb + j0 * p.v_sl + hk * p.v_sh;
+    const float* kc = p.kcode + b * p.Lk + j0;
+    const KeyBlockSummary& kbs = p.kblk[b * nkb + kb];
+    std::fill(dK.begin(), dK.begin() + N * D, 0.f);
+    std::fill(dV.begin(), dV.begin() + N * D, 0.f);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      const T* qt_all = ptr<T>(a.qt) + (b * p.Hq + h) * D * p.Lq;
+      const T* dot_all = ptr<T>(a.doutt) + (b * p.Hq + h) * D * p.Lq;
+      for (int64_t qt = 0; qt < nqt; ++qt) {
+        const Rel rel = classify(p.immediate, p.q_tile_lo[b * nqt + qt], p.q_tile_hi[b * nqt + qt], kbs);
+        if (rel == Rel::Skip) continue;
+        const int64_t i0 = qt * BM, M = std::min(BM, p.Lq - i0);
+        gemm<T>(N, M, D, k, p.k_sl, qt_all + i0, p.Lq, St.data(), BM, false);
+        gemm<T>(N, M, D, v, p.v_sl, dot_all + i0, p.Lq, dPt.data(), BM, false);
+        safe_lse(a.lse + (b * p.Hq + h) * p.Lq + i0, M, lse.data());
+        const float* delta = a.delta + (b * p.Hq + h) * p.Lq + i0;
+        const float* qc = rel == Rel::Partial ? p.qcode + b * p.Lq + i0 : nullptr;
+        for (int64_t n = 0; n < N; ++n) {
+          float* prow = St.data() + n * BM;
+          float* dsrow = dPt.data() + n * BM;
+          prob_row<true>(prow, dsrow, M, p.scale, p.immediate, nullptr, kc[n], qc, 0.f,
+                         lse.data(), 0.f, delta, 0.f);
+        }
+        const T* pt = St.data();
+        const T* dst = dPt.data();
+        const T* dout = ptr<T>(a.dout) + (b * p.Lq + i0) * ld_do + h * D;
+        const T* q = ptr<T>(p.q) + b * p.q_sb + i0 * p.q_sl + h * p.q_sh;
+        gemm<T>(N, D, M, pt, BM, dout, ld_do, dV.data(), D, true);
+        gemm<T>(N, D, M, dst, BM, q, p.q_sl, dK.data(), D, true);
+      }
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      const int64_t row = ((b * p.Lk + j0 + n) * p.Hk + hk) * D;
+      store_row(dK.data() + n * D, static_cast<Out*>(a.dk) + row, D);
+      store_row(dV.data() + n * D, static_cast<Out*>(a.dv) + row, D);
+    }
+  }
+}
+
+void mass_impl(const XattnMassArgs& a, std::atomic<int64_t>* next) {
+  const XattnProblem& p = a.p;
+  const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
+  const int64_t nqt = ceil_div(p.Lq, BM), nkb = ceil_div(p.Lk, BN);
+  const int64_t group = p.Hq / p.Hk;
+  const int64_t ntasks = p.B * nkb;
+  std::vector<float> St(BN * BM), mass(BN), lse(BM);
+  for (int64_t t; (t = next->fetch_add(1)) < ntasks;) {
+    const int64_t kb = t % nkb, b = t / nkb;
+    const int64_t j0 = kb * BN, N = std::min(BN, p.Lk - j0);
+    const float* kc = p.kcode + b * p.Lk + j0;
+    const KeyBlockSummary& kbs = p.kblk[b * nkb + kb];
+    std::fill(mass.begin(), mass.end(), 0.f);
+    for (int64_t h = 0; h < p.Hq; ++h) {
+      const T* k = ptr<T>(p.k) + b * p.k_sb + j0 * p.k_sl + (h / group) * p.k_sh;
+      const T* qt_all = ptr<T>(a.qt) + (b * p.Hq + h) * D * p.Lq;
+      for (int64_t qt = 0; qt < nqt; ++qt) {
+        const Rel rel = classify(p.immediate, p.q_tile_lo[b * nqt + qt], p.q_tile_hi[b * nqt + qt], kbs);
+        if (rel == Rel::Skip) continue;
+        const int64_t i0 = qt * BM, M = std::min(BM, p.Lq - i0);
+        gemm<T>(N, M, D, k, p.k_sl, qt_all + i0, p.Lq, St.data(), BM, false);
+        safe_lse(a.lse + (b * p.Hq + h) * p.Lq + i0, M, lse.data());
+        const float* qc = rel == Rel::Partial ? p.qcode + b * p.Lq + i0 : nullptr;
+        for (int64_t n = 0; n < N; ++n) {
+          mass[n] += prob_row<true>(St.data() + n * BM, nullptr, M, p.scale, p.immediate, nullptr,
+                                    kc[n], qc, 0.f, lse.data(), 0.f, nullptr, 0.f);
+        }
+      }
+    }
+    std::copy(mass.begin(), mass.begin() + N, a.mass + b * p.Lk + j0);
+  }
+}
+
+template <typename S>
+void widen_impl(const XattnWidenArgs& a, std::atomic<int64_t>* next) {
+  constexpr int64_t R = 16;  // rows per piece: the piece stays in L1 between its two writes
+  const int64_t D = a.D, L = a.L, H = a.H;
+  std::vector<float> buf(R * D), other(a.other != nullptr ? D : 0);
+  for (int64_t t; (t = next->fetch_add(1)) < a.B * H;) {
+    const int64_t b = t / H, h = t % H;
+    const S* src = static_cast<const S*>(a.src) + b * a.sb + h * a.sh;
+    for (int64_t l0 = 0; l0 < L; l0 += R) {
+      const int64_t n = std::min(R, L - l0);
+      load_rows(src + l0 * a.sl, a.sl, n, D, buf.data());
+      for (int64_t r = 0; r < n; ++r) {
+        const float* row = buf.data() + r * D;
+        if (a.rows != nullptr) std::copy(row, row + D, a.rows + ((b * L + l0 + r) * H + h) * D);
+        if (a.other == nullptr) continue;
+        const S* o = static_cast<const S*>(a.other) + b * a.ob + (l0 + r) * a.ol + h * a.oh;
+        load_rows(o, D, 1, D, other.data());
+        float dot = 0.f;
+        for (int64_t d = 0; d < D; ++d) dot += row[d] * other[d];
+        const int64_t i = (b * H + h) * L + l0 + r;
+        a.delta[i] = dot - (a.grad_lse != nullptr ? a.grad_lse[i] : 0.f);
+      }
+      transpose_block(buf.data(), D, a.cols + t * D * L + l0, L, n, D);
+    }
+  }
+}
+
+}  // namespace
+
+void xattn_widen_tasks(const XattnWidenArgs& a, std::atomic<int64_t>* next_task) {
+  switch (a.dtype) {
+    case c10::ScalarType::Float: return widen_impl<float>(a, next_task);
+    case c10::ScalarType::Half: return widen_impl<c10::Half>(a, next_task);
+    case c10::ScalarType::BFloat16: return widen_impl<c10::BFloat16>(a, next_task);
+    default: return;  // checked by the caller
+  }
+}
+
+void xattn_forward_tasks(const XattnForwardArgs& a, std::atomic<int64_t>* next_task) {
+  switch (a.p.dtype) {
+    case c10::ScalarType::Float: return forward_impl<float>(a, next_task);
+    case c10::ScalarType::Half: return forward_impl<c10::Half>(a, next_task);
+    case c10::ScalarType::BFloat16: return forward_impl<c10::BFloat16>(a, next_task);
+    default: return;  // checked by the caller
+  }
+}
+
+void xattn_backward_dq_tasks(const XattnBackwardArgs& a, std::atomic<int64_t>* next_task) {
+  switch (a.out_dtype) {
+    case c10::ScalarType::Float: return dq_impl<float>(a, next_task);
+    case c10::ScalarType::Half: return dq_impl<c10::Half>(a, next_task);
+    case c10::ScalarType::BFloat16: return dq_impl<c10::BFloat16>(a, next_task);
+    default: return;
+  }
+}
+
+void xattn_backward_dkdv_tasks(const XattnBackwardArgs& a, std::atomic<int64_t>* next_task) {
+  switch (a.out_dtype) {
+    case c10::ScalarType::Float: return dkdv_impl<float>(a, next_task);
+    case c10::ScalarType::Half: return dkdv_impl<c10::Half>(a, next_task);
+    case c10::ScalarType::BFloat16: return dkdv_impl<c10::BFloat16>(a, next_task);
+    default: return;
+  }
+}
+
+void xattn_mass_tasks(const XattnMassArgs& a, std::atomic<int64_t>* next_task) {
+  mass_impl(a, next_task);
+}
+
+}  // namespace mmfast::cpu::CPU_CAPABILITY
