@@ -90,15 +90,20 @@ class AttentionPruner(nn.Module):
         # Selecting the tokens scored 1 returns exactly the dropped ones, in order.
         dropped, _ = prune_tokens(x, dropped_mask, n_drop)            # [B, n_drop, C]
         dropped_metric, _ = prune_tokens(metric, dropped_mask, n_drop)  # [B, n_drop, Cm]
+        # Centre positions depend only on the sizes: index lists built in Python keep every
+        # shape static (torch.compile(fullgraph=True) traces no data-dependent size).
         step = max(1, n_drop // self.contextual)
-        is_centre = torch.zeros(n_drop, dtype=torch.bool, device=x.device)
-        is_centre[torch.arange(0, n_drop, step, device=x.device)[:self.contextual]] = True
-        centres, members = dropped[:, is_centre], dropped[:, ~is_centre]
+        centre_pos = list(range(0, n_drop, step))[:self.contextual]
+        centre_set = set(centre_pos)
+        member_pos = [i for i in range(n_drop) if i not in centre_set]
+        centre_idx = torch.tensor(centre_pos, device=x.device)
+        member_idx = torch.tensor(member_pos, dtype=torch.int64, device=x.device)
+        centres, members = dropped[:, centre_idx], dropped[:, member_idx]
         unit = F.normalize(dropped_metric.float(), dim=-1)
         # bipartite_merge's contract fixes its two sets (even / odd positions) and merges at
         # most half the tokens, so it cannot assign all members to a few chosen centres; the
         # assignment and the group means are done here with tensor ops.
-        similarity = unit[:, ~is_centre] @ unit[:, is_centre].transpose(1, 2)  # [B, members, ctx]
+        similarity = unit[:, member_idx] @ unit[:, centre_idx].transpose(1, 2)  # [B, members, ctx]
         group = similarity.argmax(dim=2)                                     # [B, members]
         # Sums and counts in float32: a bfloat16 count is inexact above 256 members.
         sums = centres.float().scatter_add(1, group[..., None].expand(-1, -1, c), members.float())

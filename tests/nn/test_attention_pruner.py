@@ -110,3 +110,15 @@ def test_bfloat16_smoke():
     assert torch.isfinite(out.x).all()
     out.x.float().sum().backward()
     assert torch.isfinite(x.grad).all()
+
+
+def test_torch_compile_fullgraph():
+    x, q, k = _inputs(n=41)
+    pruner = AttentionPruner(keep=12, contextual=5)
+    expected = pruner(x, q, k)
+    x_c = x.clone().requires_grad_()
+    out = torch.compile(pruner, fullgraph=True)(x_c, q, k)
+    assert torch.equal(out.index, expected.index)
+    assert_close(out.x, expected.x, atol=1e-6, rtol=1e-6)
+    out.x.sum().backward()
+    assert torch.isfinite(x_c.grad).all()

@@ -218,3 +218,17 @@ def test_resampler_bad_input_and_bfloat16_smoke():
     out = m.to(torch.bfloat16)(x.bfloat16())
     assert out.dtype == torch.bfloat16 and out.shape == (2, 4, 8)
     assert_close(out, expected, atol=0.1, rtol=0.05)
+
+
+def test_perceiver_torch_compile_fullgraph_forward_backward():
+    torch.manual_seed(2)
+    ours = PerceiverResampler(dim=16, depth=1, dim_head=4, heads=2, num_latents=3)
+    x = torch.randn(2, 1, 2, 7, 16)
+    lens = torch.tensor([[14], [9]])
+    x_e, x_c = x.clone().requires_grad_(), x.clone().requires_grad_()
+    expected = ours(x_e, media_lens=lens)
+    expected.sum().backward()
+    out = torch.compile(ours, fullgraph=True)(x_c, media_lens=lens)
+    out.sum().backward()
+    assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    assert_close(x_c.grad, x_e.grad, atol=1e-5, rtol=1e-5, name="x.grad")
