@@ -61,8 +61,9 @@ class PerceiverResampler(nn.Module):
     forward(x, media_lens=None):
       x: [B, T, F, v, dim] (open_flamingo: T media per sample, F frames of v tokens each) or
          [B, N, dim] (one media of N tokens).
-      media_lens: optional int tensor of shape x.shape[:-3] ([B, T]) resp. [B]: how many of the
-         F*v (resp. N) tokens of each media are real; the rest are padding and never attended.
+      media_lens: optional int tensor of shape [B, T] resp. [B]: how many of the F*v (resp. N)
+         tokens of each media are real, counted in (frame, token) order; the tokens after them
+         are padding and never attended.
     Returns [B, T, num_latents, dim] resp. [B, num_latents, dim].
     """
 

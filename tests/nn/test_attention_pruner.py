@@ -4,7 +4,7 @@ import torch.nn.functional as F
 
 from mmfast import reference
 from mmfast.nn import AttentionPruner
-from tests.helpers import assert_close
+from tests.helpers import assert_close, noncontiguous
 
 
 def _inputs(b=2, n=37, c=12, lq=5, hq=4, hk=2, d=8, dtype=torch.float32):
@@ -29,6 +29,8 @@ def test_mass_keeps_reference_top_k():
     assert torch.equal(out.index, expected_index)
     assert torch.equal(out.x, x.gather(1, expected_index[..., None].expand(-1, -1, 12)))
     assert_close(out.scores, mass, atol=1e-5, rtol=1e-5, name="scores")
+    strided = AttentionPruner(keep=11)(noncontiguous(x), noncontiguous(q), noncontiguous(k))
+    assert torch.equal(strided.index, out.index) and torch.equal(strided.x, out.x)
 
 
 def test_cls_score_keeps_cls_and_top_cls_attention():

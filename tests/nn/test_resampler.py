@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmfast.nn import PerceiverResampler, Resampler
-from tests.helpers import assert_close
+from tests.helpers import assert_close, noncontiguous
 
 
 # --- open_flamingo's PerceiverResampler, written from its description (plain PyTorch) ---------
@@ -113,6 +113,8 @@ def test_perceiver_flat_input_and_bad_lens():
     out = model(x, media_lens=torch.tensor([11, 5, 2]))
     assert out.shape == (3, 3, 16) and torch.isfinite(out).all()
     assert_close(model(x[1:2, :5]), out[1:2], atol=1e-5, rtol=1e-5)
+    assert_close(model(noncontiguous(x), media_lens=torch.tensor([11, 5, 2])), out,
+                 atol=1e-6, rtol=1e-6, name="non-contiguous x")
     with pytest.raises(ValueError, match="media_lens"):
         model(x[:, None, None], media_lens=torch.tensor([11, 5, 2]))
     with pytest.raises(ValueError, match="x must be"):
@@ -202,6 +204,8 @@ def test_resampler_matches_sdpa_reference(n):
     expected = _qwen_reference(m64, x_ref, kv_lens=lens)
     assert out.shape == (3, 9, 7)
     assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    assert_close(m(noncontiguous(x), kv_lens=lens), out, atol=1e-6, rtol=1e-6,
+                 name="non-contiguous x")
     w = torch.randn(out.shape, dtype=torch.float64)
     (out * w.float()).sum().backward()
     (expected * w).sum().backward()
