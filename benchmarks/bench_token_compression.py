@@ -81,7 +81,8 @@ def _perceiver_case(name, b, n, dim, depth, heads, dim_head, num_latents):
                 "x": torch.randn(b, n, dim, device=device, dtype=dtype)}
 
     inner, lk = heads * dim_head, n + num_latents
-    per_layer = 2 * b * (num_latents * dim * inner + lk * dim * 2 * inner + inner * dim * num_latents
+    # q, kv and out projections, q kᵀ and p v, then the 4x feed-forward.
+    per_layer = 2 * b * (2 * num_latents * dim * inner + 2 * lk * dim * inner
                          + 2 * num_latents * lk * inner + 8 * num_latents * dim * dim)
     return Case(name, {"B": b, "N": n, "C": dim, "depth": depth, "latents": num_latents},
                 make_inputs, flops=depth * per_layer)

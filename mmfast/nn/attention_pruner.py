@@ -51,7 +51,8 @@ class AttentionPruner(nn.Module):
         if score not in SCORES:
             raise ValueError(f"AttentionPruner: score must be one of {SCORES}, got {score!r}")
         if score == "cls" and keep < 1:
-            raise ValueError("AttentionPruner: score='cls' keeps the CLS token, so keep must be >= 1")
+            raise ValueError("AttentionPruner: score='cls' keeps the CLS token, so keep must be "
+                             ">= 1")
         self.keep = keep
         self.contextual = contextual
         self.score = score

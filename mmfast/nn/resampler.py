@@ -83,8 +83,8 @@ class PerceiverResampler(nn.Module):
 
     def forward(self, x: torch.Tensor, media_lens: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() == 3:
-            out = self.forward(x[:, None, None], None if media_lens is None else media_lens[:, None])
-            return out[:, 0]
+            lens = None if media_lens is None else media_lens[:, None]
+            return self.forward(x[:, None, None], lens)[:, 0]
         if x.dim() != 5:
             raise ValueError("PerceiverResampler: x must be [B, T, F, v, dim] or [B, N, dim], "
                              f"got shape {list(x.shape)}")
