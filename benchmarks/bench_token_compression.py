@@ -5,13 +5,19 @@ Providers: ToMe's own algorithm in eager PyTorch (mmfast.reference.tome_bipartit
 holds the full A x B similarity matrix), the same under torch.compile, and mmfast. The
 "+ projector" cases time compression followed by a LLaVA-1.5 projector (Linear-GELU-Linear,
 1024 -> 4096 -> 4096, the same eager torch code for every provider), beside the projector on
-the uncompressed tokens: the end-to-end effect.
+the uncompressed tokens: the end-to-end effect. The PerceiverResampler row times the whole
+mmfast.nn module twice: as shipped (mmfast.ops.cross_attention) and with its attention calls
+replaced by the plain-PyTorch reference (eager provider); torch.compile does not take it.
 """
+
+import contextlib
 
 import torch
 import torch.nn.functional as F
 
 import mmfast
+import mmfast.nn.resampler
+from mmfast import reference
 from benchmarks.harness import Case, Provider, compiled
 from mmfast.reference.bipartite_merge import tome_bipartite_merge
 
@@ -65,6 +71,23 @@ def _projector_case(name, b, n, c):
     return Case(name, {"B": b, "N": n, "C": c}, make_inputs)
 
 
+def _perceiver_case(name, b, n, dim, depth, heads, dim_head, num_latents):
+    """open_flamingo's resampler (its ViT-L/14 config) on one image of n tokens per sample."""
+    def make_inputs(device, dtype, requires_grad):
+        torch.manual_seed(0)
+        module = mmfast.nn.PerceiverResampler(dim=dim, depth=depth, heads=heads,
+                                              dim_head=dim_head, num_latents=num_latents)
+        return {"kind": "perceiver", "module": module.to(device, dtype).eval(),
+                "x": torch.randn(b, n, dim, device=device, dtype=dtype)}
+
+    inner, lk = heads * dim_head, n + num_latents
+    # q, kv and out projections, q kᵀ and p v, then the 4x feed-forward.
+    per_layer = 2 * b * (2 * num_latents * dim * inner + 2 * lk * dim * inner
+                         + 2 * num_latents * lk * inner + 8 * num_latents * dim * dim)
+    return Case(name, {"B": b, "N": n, "C": dim, "depth": depth, "latents": num_latents},
+                make_inputs, flops=depth * per_layer)
+
+
 def cases(quick):
     if quick:
         return [_merge_case("ViT-B/16-224 ToMe layer (r=8)", 2, 197, 768, (8,)),
@@ -77,6 +100,8 @@ def cases(quick):
         _projector_case("LLaVA-NeXT projector, 2880 tokens (uncompressed)", 1, 2880, 1024),
         _merge_case("LLaVA-NeXT 2880 -> 1440 + projector", 1, 2880, 1024, (1440,),
                     with_projector=True),
+        _perceiver_case("open_flamingo PerceiverResampler, 577 tokens -> 64 (B=4)", 4, 577,
+                        1024, 6, 8, 64, 64),
     ]
 
 
@@ -85,8 +110,23 @@ def _project(inp, x):
     return F.linear(h, inp["w2"], inp["b2"])
 
 
-def _run(merge, prune):
+@contextlib.contextmanager
+def _reference_attention():
+    """The resampler module with its attention computed by mmfast.reference.cross_attention."""
+    shipped = mmfast.nn.resampler.cross_attention
+    mmfast.nn.resampler.cross_attention = reference.cross_attention
+    try:
+        yield
+    finally:
+        mmfast.nn.resampler.cross_attention = shipped
+
+
+def _run(merge, prune, attention=contextlib.nullcontext):
     def fn(inp):
+        if inp["kind"] == "perceiver":
+            _last["op"] = "cross_attention"
+            with attention(), torch.no_grad():
+                return inp["module"](inp["x"])
         if inp["kind"] == "prune":
             return prune(inp["x"], inp["scores"], inp["keep"])
         x = inp["x"]
@@ -124,13 +164,19 @@ def _mmfast_prune(x, scores, keep):
     return mmfast.ops.prune_tokens(x, scores, keep)[0]
 
 
+def _not_compiled(case, dtype, mode):
+    if "PerceiverResampler" in case.name:
+        return "the module-level comparison swaps attention functions; not traced"
+    return None
+
+
 def _mmfast_merge(x, metric, r, size):
     _last["op"] = "bipartite_merge"
     return _mmfast(x, metric, r, size)
 
 
 def providers(device):
-    eager = _run(_tome, _reference_prune)
+    eager = _run(_tome, _reference_prune, _reference_attention)
 
     def implementation():
         if device.type == "cuda":
@@ -139,7 +185,7 @@ def providers(device):
 
     return [
         Provider("eager ToMe / topk reference", eager, "eager"),
-        Provider("torch.compile", compiled(eager), "compile"),
+        Provider("torch.compile", compiled(eager), "compile", supports=_not_compiled),
         Provider("mmfast", _run(_mmfast_merge, _mmfast_prune), "mmfast",
                  implementation=implementation),
     ]
