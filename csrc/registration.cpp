@@ -35,4 +35,17 @@ TORCH_LIBRARY(mmfast, m) {
   m.def("bias_gelu_backward(Tensor grad_out, Tensor x, Tensor bias, str approximate) -> (Tensor, Tensor)");
   m.def("_bias_gelu_cuda(Tensor x, Tensor bias, str approximate) -> Tensor");
   m.def("_bias_gelu_backward_cuda(Tensor grad_out, Tensor x, Tensor bias, str approximate) -> (Tensor, Tensor)");
+
+  // projector: out = gelu(x w1^T + b1) w2^T + b2; also returns the pre-activation h that the
+  // backward needs (mmfast.ops.projector returns out only). output_mask: (x, w1, b1, w2, b2);
+  // a gradient not asked for comes back as an empty tensor. w1 is needed only for grad_x (a
+  // frozen x needs none, and then the forward does not keep w1).
+  m.def("projector(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate=\"none\") -> (Tensor, Tensor)");
+  m.def("projector_backward(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, str approximate, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_projector_cuda(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate) -> (Tensor, Tensor)");
+  m.def("_projector_backward_cuda(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, str approximate, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // projector_splice: embeds with the image_mask rows replaced, in order, by projector(x) rows;
+  // returns (out, h). output_mask: (x, w1, b1, w2, b2, embeds).
+  m.def("projector_splice(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor embeds, Tensor image_mask, str approximate=\"none\") -> (Tensor, Tensor)");
+  m.def("projector_splice_backward(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, Tensor image_mask, str approximate, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

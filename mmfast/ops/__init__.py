@@ -3,5 +3,7 @@ torch.compile, with fake tensors and autograd); kernels are chosen per device by
 dispatcher: C++ on CPU, Triton or CUDA C++ on CUDA (see mmfast._backend)."""
 
 from mmfast.ops.bias_gelu import bias_gelu
+from mmfast.ops.projector import projector
+from mmfast.ops.projector_splice import projector_splice
 
-__all__ = ["bias_gelu"]
+__all__ = ["bias_gelu", "projector", "projector_splice"]
