@@ -28,6 +28,9 @@ class AotSpec:
     constexprs: argument -> value, or a tuple of values (each is compiled).
     arch_options: per compute capability, options that differ (e.g. tile sizes via constexprs
         or num_warps) as {cc: {"constexprs": {...}, "num_warps": n, "num_stages": s}}.
+    uses_dot: the kernel multiplies tiles with tl.dot, so it must lower to tensor-core code.
+    allow_spills: register spills are reported but tolerated (default: they fail the check).
+    Launchable kernels are named *_kernel; every one in kernels/ must be registered.
     """
 
     kernel: object
@@ -36,6 +39,7 @@ class AotSpec:
     num_warps: int = 4
     num_stages: int = 2
     uses_dot: bool = False
+    allow_spills: bool = False
     dtypes: tuple = ("fp32", "fp16", "bf16")
     arch_options: dict = field(default_factory=dict)
 
@@ -112,3 +116,48 @@ def compile_for(spec: AotSpec, cc: int, dtype: str, constexprs: dict, num_warps:
     return AotResult(spec.name, cc, dtype, constexprs, compiled.metadata.shared, regs, spills,
                      has_mma=bool(re.search(r"\bmma\.sync", ptx)),
                      has_wgmma="wgmma.mma_async" in ptx)
+
+
+def load_all_kernel_modules() -> None:
+    """Imports every module of mmfast.kernels so that each registers its specs."""
+    import importlib
+    import pkgutil
+
+    import mmfast.kernels
+
+    for info in pkgutil.iter_modules(mmfast.kernels.__path__):
+        importlib.import_module(f"mmfast.kernels.{info.name}")
+
+
+def main(argv=None) -> int:
+    """`python -m mmfast.kernels.aot [cc ...]`: compile every registered config, one JSON line
+    per config. Must run without TRITON_INTERPRET (the interpreter's kernels cannot be
+    compiled), which is why the test suite calls it in a subprocess."""
+    import json
+    import sys
+    from dataclasses import asdict
+
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise SystemExit("unset TRITON_INTERPRET to compile kernels ahead of time")
+    archs = [int(a) for a in (argv if argv is not None else sys.argv[1:])] or [80, 90]
+    # Run as __main__, this module is not the mmfast.kernels.aot the kernels register with.
+    import mmfast.kernels.aot as registry
+
+    registry.load_all_kernel_modules()
+    for spec in registry.registered():
+        for cc in archs:
+            for dtype, constexprs, num_warps, num_stages in spec.configs(cc):
+                record = {"spec": spec.name, "cc": cc, "dtype": dtype, "constexprs": constexprs,
+                          "num_warps": num_warps, "num_stages": num_stages,
+                          "uses_dot": spec.uses_dot, "allow_spills": spec.allow_spills}
+                try:
+                    record.update(asdict(compile_for(spec, cc, dtype, constexprs, num_warps,
+                                                     num_stages)))
+                except Exception as e:  # reported per config by the test
+                    record["error"] = f"{type(e).__name__}: {e}"[:2000]
+                print(json.dumps(record), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

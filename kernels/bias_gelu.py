@@ -7,6 +7,9 @@ Backward: dx[r, c] = dy[r, c] * gelu'(x[r, c] + b[c])
           db[c]    = sum_r dx[r, c]   (float32 partials per row block, summed in order)
 
 Math in float32 whatever the storage type. Each program owns a [BLOCK_R, BLOCK_C] tile.
+Constants: 1/sqrt(2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327,
+sqrt(2/pi) = 0.7978845608028654 (written as literals: the interpreter rejects constexpr globals
+on the left of a tensor product, and plain float globals do not compile).
 """
 
 import torch
@@ -15,13 +18,9 @@ import triton.language as tl
 
 from mmfast.kernels.aot import AotSpec, register_aot
 
-SQRT1_2 = 0.7071067811865476
-INV_SQRT_2PI = 0.3989422804014327
-TANH_K = 0.7978845608028654
-TANH_C = 0.044715
 
 BLOCK_R = 16
-BLOCK_C = 256
+BLOCK_C = 128
 
 
 @triton.jit
@@ -34,19 +33,19 @@ def _tanh(u):
 @triton.jit
 def _gelu(v, TANH: tl.constexpr):
     if TANH:
-        return 0.5 * v * (1.0 + _tanh(TANH_K * (v + TANH_C * v * v * v)))
+        return 0.5 * v * (1.0 + _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
     else:
-        return 0.5 * v * (1.0 + tl.erf(v * SQRT1_2))
+        return 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
 
 
 @triton.jit
 def _dgelu(v, TANH: tl.constexpr):
     if TANH:
-        t = _tanh(TANH_K * (v + TANH_C * v * v * v))
-        du = TANH_K * (1.0 + 3.0 * TANH_C * v * v)
+        t = _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))
+        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * v * v)
         return 0.5 * (1.0 + t) + 0.5 * v * (1.0 - t * t) * du
     else:
-        return 0.5 * (1.0 + tl.erf(v * SQRT1_2)) + v * INV_SQRT_2PI * tl.exp(-0.5 * v * v)
+        return 0.5 * (1.0 + tl.erf(v * 0.7071067811865476)) + v * 0.3989422804014327 * tl.exp(-0.5 * v * v)
 
 
 @triton.jit

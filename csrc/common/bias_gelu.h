@@ -28,4 +28,16 @@ inline bool check_bias_gelu_args(const at::Tensor& x, const at::Tensor& bias,
   return approximate == "tanh";
 }
 
+inline bool check_bias_gelu_backward_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                          const at::Tensor& bias, std::string_view approximate) {
+  const bool tanh_form = check_bias_gelu_args(x, bias, approximate);
+  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
+                    "bias_gelu_backward: grad_out must match x in shape and dtype, got ",
+                    grad_out.sizes(), " ", grad_out.scalar_type(), " vs ", x.sizes(), " ",
+                    x.scalar_type());
+  TORCH_CHECK_VALUE(grad_out.device() == x.device(), "bias_gelu_backward: grad_out is on ",
+                    grad_out.device(), " but x is on ", x.device());
+  return tanh_form;
+}
+
 }  // namespace mmfast

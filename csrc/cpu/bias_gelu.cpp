@@ -37,11 +37,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
                                                           const at::Tensor& x,
                                                           const at::Tensor& bias,
                                                           c10::string_view approximate) {
-  const bool tanh_form = check_bias_gelu_args(x, bias, approximate);
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
-                    "bias_gelu_backward: grad_out must match x in shape and dtype, got ",
-                    grad_out.sizes(), " ", grad_out.scalar_type(), " vs ", x.sizes(), " ",
-                    x.scalar_type());
+  const bool tanh_form = check_bias_gelu_backward_args(grad_out, x, bias, approximate);
   const auto xc = x.contiguous();
   const auto gc = grad_out.contiguous();
   const auto bc = bias.contiguous();

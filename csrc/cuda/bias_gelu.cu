@@ -149,9 +149,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cuda(const at::Tensor& gra
                                                            const at::Tensor& x,
                                                            const at::Tensor& bias,
                                                            c10::string_view approximate) {
-  const bool tanh_form = check_bias_gelu_args(x, bias, approximate);
-  TORCH_CHECK_VALUE(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(),
-                    "bias_gelu_backward: grad_out must match x in shape and dtype");
+  const bool tanh_form = check_bias_gelu_backward_args(grad_out, x, bias, approximate);
   const int64_t vec = vec_width(x.scalar_type());
   check_vectorizable(x, "x", vec);
   const c10::cuda::CUDAGuard guard(x.device());

@@ -14,32 +14,56 @@ constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1/sqrt(2*pi)
 constexpr float kTanhK = 0.79788456080286535588f;       // sqrt(2/pi)
 constexpr float kTanhC = 0.044715f;
 
+// The transcendental parts are inlined polynomials (exp_u20, A&S erf) rather than calls into
+// Sleef: GELU is a streaming op, and the call overhead and division count dominate its time.
+
+// erf(z) given e = exp(-z^2): sign(z) (1 - t (a1 + t (a2 + ... t a5)) e), t = 1 / (1 + p|z|)
+// (Abramowitz & Stegun 7.1.26, |error| <= 1.5e-7). Taking e from the caller lets the GELU
+// derivative share one exp between Phi(x) and phi(x).
+inline fVec erf_given_exp(const fVec& z, const fVec& e) {
+  const fVec one(1.0f);
+  const fVec t = one / at::vec::fmadd(fVec(0.3275911f), z.abs(), one);
+  fVec poly = at::vec::fmadd(fVec(1.061405429f), t, fVec(-1.453152027f));
+  poly = at::vec::fmadd(poly, t, fVec(1.421413741f));
+  poly = at::vec::fmadd(poly, t, fVec(-0.284496736f));
+  poly = at::vec::fmadd(poly, t, fVec(0.254829592f));
+  const fVec r = one - poly * t * e;
+  return fVec::blendv(r, fVec(0.0f) - r, z < fVec(0.0f));
+}
+
+// tanh(u) = 1 - 2 / (exp(2u) + 1): saturates to +-1 without overflow (exp -> inf gives 1).
+inline fVec tanh_via_exp(const fVec& u) {
+  const fVec one(1.0f);
+  return one - fVec(2.0f) / ((u + u).exp_u20() + one);
+}
+
 // gelu(x) = x * Phi(x) = 0.5 x (1 + erf(x / sqrt 2))
 inline fVec gelu_erf(const fVec& x) {
   const fVec half(0.5f), one(1.0f);
-  return x * half * (one + (x * fVec(kSqrt1_2)).erf());
+  const fVec e = (fVec(-0.5f) * x * x).exp_u20();  // exp(-z^2), z = x / sqrt 2
+  return x * half * (one + erf_given_exp(x * fVec(kSqrt1_2), e));
 }
 
 // gelu_tanh(x) = 0.5 x (1 + tanh(k (x + c x^3)))
 inline fVec gelu_tanh(const fVec& x) {
   const fVec half(0.5f), one(1.0f);
   const fVec u = fVec(kTanhK) * (x + fVec(kTanhC) * x * x * x);
-  return x * half * (one + u.tanh());
+  return x * half * (one + tanh_via_exp(u));
 }
 
-// d gelu / dx = Phi(x) + x phi(x)
+// d gelu / dx = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 inline fVec dgelu_erf(const fVec& x) {
   const fVec half(0.5f), one(1.0f);
-  const fVec cdf = half * (one + (x * fVec(kSqrt1_2)).erf());
-  const fVec pdf = (fVec(-0.5f) * x * x).exp() * fVec(kInvSqrt2Pi);
-  return cdf + x * pdf;
+  const fVec e = (fVec(-0.5f) * x * x).exp_u20();
+  const fVec cdf = half * (one + erf_given_exp(x * fVec(kSqrt1_2), e));
+  return at::vec::fmadd(x * fVec(kInvSqrt2Pi), e, cdf);
 }
 
 // d gelu_tanh / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) k (1 + 3 c x^2),  t = tanh(k (x + c x^3))
 inline fVec dgelu_tanh(const fVec& x) {
   const fVec half(0.5f), one(1.0f);
   const fVec x2 = x * x;
-  const fVec t = (fVec(kTanhK) * (x + fVec(kTanhC) * x2 * x)).tanh();
+  const fVec t = tanh_via_exp(fVec(kTanhK) * (x + fVec(kTanhC) * x2 * x));
   const fVec du = fVec(kTanhK) * (one + fVec(3.0f * kTanhC) * x2);
   return half * (one + t) + half * x * (one - t * t) * du;
 }
