@@ -125,7 +125,7 @@ def projector_gemm_kernel(
     mask = (rm[:, None] < M) & (rn[None, :] < N)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + rn, mask=rn < N, other=0.0).to(tl.float32)[None, :]
-    mn = rm[:, None].to(tl.int64) * N + rn[None, :]
+    mn = rm[:, None] * N + rn[None, :]  # 32-bit: see the launcher's size check
     if EPILOGUE == 1:
         h = acc.to(out_ty)
         tl.store(act_ptr + mn, _gelu(h.to(tl.float32), TANH).to(out_ty), mask=mask)
@@ -140,10 +140,10 @@ def projector_gemm_kernel(
         if HAS_PARTIAL:
             tl.store(part_ptr + pid_m.to(tl.int64) * N + rn, tl.sum(acc, axis=0), mask=rn < N)
     if HAS_ROWS:
-        row = tl.load(rows_ptr + rm, mask=rm < M, other=-1)
+        row = tl.load(rows_ptr + rm, mask=rm < M, other=-1).to(tl.int32)
         mask = mask & (row[:, None] >= 0)
     else:
-        row = rm.to(tl.int64)
+        row = rm
     tl.store(c_ptr + row[:, None] * stride_cm + rn[None, :], acc.to(out_ty), mask=mask)
 
 
