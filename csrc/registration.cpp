@@ -40,7 +40,9 @@ TORCH_LIBRARY(mmfast, m) {
   // backward needs (mmfast.ops.projector returns out only). output_mask: (x, w1, b1, w2, b2);
   // a gradient not asked for comes back as an empty tensor. w1 is needed only for grad_x (a
   // frozen x needs none, and then the forward does not keep w1).
-  m.def("projector(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate=\"none\") -> (Tensor, Tensor)");
+  // keep_h=False (no gradient will be taken): the GELU runs in place and h comes back empty, so
+  // inference holds one [N, hidden] buffer less.
+  m.def("projector(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate=\"none\", bool keep_h=True) -> (Tensor, Tensor)");
   m.def("projector_backward(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, str approximate, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("_projector_cuda(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate) -> (Tensor, Tensor)");
   m.def("_projector_backward_cuda(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, str approximate, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

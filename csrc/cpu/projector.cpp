@@ -44,9 +44,10 @@ Tensor defined_or_empty(const Tensor& t, const Tensor& like) {
   return t.defined() ? t : at::empty({0}, like.options());
 }
 
-// h [N, H] (pre-activation, without b1) -> h += b1, act = gelu(h).
-Tensor bias_gelu_keep(Tensor& h, const std::optional<Tensor>& b1, bool tanh_form) {
-  auto act = at::empty_like(h);
+// h [N, H] (pre-activation, without b1) -> h += b1, act = gelu(h). In place (act is h's
+// buffer, h is lost) when !keep_h.
+Tensor bias_gelu_keep(Tensor& h, const std::optional<Tensor>& b1, bool tanh_form, bool keep_h) {
+  auto act = keep_h ? at::empty_like(h) : h;
   const int64_t cols = h.size(1);
   const Tensor bias = b1.has_value() && b1->defined() ? b1->contiguous() : Tensor();
   const auto kernel = MMFAST_PICK_ISA(bias_gelu_keep_rows);
@@ -57,12 +58,13 @@ Tensor bias_gelu_keep(Tensor& h, const std::optional<Tensor>& b1, bool tanh_form
   return act;
 }
 
-// x2 [N, Cin] -> (act [N, H], h [N, H])
+// x2 [N, Cin] -> (act [N, H], h [N, H]; h undefined when !keep_h)
 std::pair<Tensor, Tensor> first_layer(const Tensor& x2, const Tensor& w1,
-                                      const std::optional<Tensor>& b1, bool tanh_form) {
+                                      const std::optional<Tensor>& b1, bool tanh_form,
+                                      bool keep_h = true) {
   auto h = at::mm(x2, w1.t());
-  auto act = bias_gelu_keep(h, b1, tanh_form);
-  return {act, h};
+  auto act = bias_gelu_keep(h, b1, tanh_form, keep_h);
+  return {act, keep_h ? h : Tensor()};
 }
 
 Tensor second_layer(const Tensor& act, const Tensor& w2, const std::optional<Tensor>& b2) {
@@ -72,12 +74,13 @@ Tensor second_layer(const Tensor& act, const Tensor& w2, const std::optional<Ten
 std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
                                          const std::optional<Tensor>& b1, const Tensor& w2,
                                          const std::optional<Tensor>& b2,
-                                         c10::string_view approximate) {
+                                         c10::string_view approximate, bool keep_h) {
   const bool tanh_form = check_projector_args("projector", x, w1, b1, w2, b2, approximate);
-  auto [act, h] = first_layer(as_rows(x), w1, b1, tanh_form);
+  auto [act, h] = first_layer(as_rows(x), w1, b1, tanh_form, keep_h);
   auto out = second_layer(act, w2, b2);
   auto lead = x.sizes().vec();
   lead.back() = w2.size(0);
+  if (!keep_h) return {out.view(lead), at::empty({0}, x.options())};
   auto h_shape = x.sizes().vec();
   h_shape.back() = w1.size(0);
   return {out.view(lead), h.view(h_shape)};
@@ -97,8 +100,9 @@ std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Ten
   Tensor grad_h = need_grad_h ? at::mm(g, w2) : Tensor();  // [N, H], turned into grad_h in place
   if (mask[3] || need_grad_h) {
     // The bias gradient is reduced per fixed block of rows, then the blocks are summed in
-    // order: the same result whatever the thread count, and no atomics.
-    const int64_t block = std::max<int64_t>(row_grain(cols), (rows + 255) / 256);
+    // order: the same result whatever the thread count, and no atomics. At most 64 blocks:
+    // enough tasks for the threads, and float32 partials of at most 64 rows.
+    const int64_t block = std::max<int64_t>(row_grain(cols), (rows + 63) / 64);
     const int64_t nblocks = (rows + block - 1) / block;
     Tensor partial = mask[2] ? at::zeros({std::max<int64_t>(nblocks, 1), cols},
                                          h2.options().dtype(at::kFloat))

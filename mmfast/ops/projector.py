@@ -22,7 +22,10 @@ def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: to
     Differentiable in every tensor; for the backward only x and h = x w1^T + b1 [..., H] are
     kept, and a gradient that no input needs is not computed.
     """
-    return torch.ops.mmfast.projector(x, w1, b1, w2, b2, approximate)[0]
+    # Without a backward to come, h need not outlive the op: the GELU then runs in place.
+    keep_h = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    return torch.ops.mmfast.projector(x, w1, b1, w2, b2, approximate, keep_h)[0]
 
 
 def check_weights(op: str, x, w1, b1, w2, b2, approximate) -> bool:
@@ -78,9 +81,10 @@ def grads_like(x, w1_shape, h, w2, mask):
 
 
 @torch.library.register_fake("mmfast::projector")
-def _projector_fake(x, w1, b1, w2, b2, approximate="none"):
+def _projector_fake(x, w1, b1, w2, b2, approximate="none", keep_h=True):
     check_weights(OP, x, w1, b1, w2, b2, approximate)
-    return x.new_empty(*x.shape[:-1], w2.shape[0]), x.new_empty(*x.shape[:-1], w1.shape[0])
+    h = x.new_empty(*x.shape[:-1], w1.shape[0]) if keep_h else x.new_empty(0)
+    return x.new_empty(*x.shape[:-1], w2.shape[0]), h
 
 
 @torch.library.register_fake("mmfast::projector_backward")
@@ -91,9 +95,15 @@ def _projector_backward_fake(grad_out, x, h, w1, w2, approximate, output_mask):
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, approximate = inputs
+    x, w1, b1, w2, b2, approximate, keep_h = inputs
     _, h = output
+    if not keep_h and any(ctx.needs_input_grad[:5]):
+        raise RuntimeError("projector: keep_h=False drops the pre-activation the backward needs; "
+                           "pass keep_h=True when an input requires grad")
     ctx.mark_non_differentiable(h)
+    # h never receives a gradient; without this autograd would hand the backward a zero-filled
+    # tensor of h's size (an [N, hidden] allocation and memset per step).
+    ctx.set_materialize_grads(False)
     # w1 is only needed for grad_x: a frozen x (the alignment stage) keeps no reference to it.
     ctx.save_for_backward(x, h, w1 if ctx.needs_input_grad[0] else None, w2)
     ctx.approximate = approximate
@@ -102,8 +112,10 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_h):
     x, h, w1, w2 = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:5])
+    if grad_out is None:  # out was not used
+        return (None,) * 7
     grads = torch.ops.mmfast.projector_backward(grad_out, x, h, w1, w2, ctx.approximate, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None,)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
 
 
 torch.library.register_autograd("mmfast::projector", _backward, setup_context=_setup_context)
@@ -111,22 +123,29 @@ torch.library.register_autograd("mmfast::projector", _backward, setup_context=_s
 
 # --- CUDA: cuBLASLt (CUDA C++) first, the Triton GEMM for what it cannot take -----------------
 
-def _cuda_reasons(x, w1, b1, w2, b2, *rest):
+def _lt_reasons(features, tensors):
+    """cuBLASLt's GELU aux buffer needs a leading dimension divisible by 8, and its fast
+    kernels 16-byte aligned rows and pointers."""
     reasons = _backend.cuda_kernels_available()
-    for name, n in (("in_features", w1.shape[1]), ("hidden", w1.shape[0]),
-                    ("out_features", w2.shape[0])):
+    for name, n in features:
         if n % 8:
-            reasons.append(f"{name} {n} is not a multiple of 8 (cuBLASLt's 16-byte alignment)")
+            reasons.append(f"{name} {n} is not a multiple of 8 (cuBLASLt's aligned rows)")
+    for name, t in tensors:
+        if t is not None and t.data_ptr() % 16:
+            reasons.append(f"{name} is not 16-byte aligned")
     return reasons
+
+
+def _cuda_reasons(x, w1, b1, w2, b2, *rest):
+    return _lt_reasons((("in_features", w1.shape[1]), ("hidden", w1.shape[0]),
+                        ("out_features", w2.shape[0])),
+                       (("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)))
 
 
 def _cuda_backward_reasons(grad_out, x, h, w1, w2, *rest):
-    reasons = _backend.cuda_kernels_available()
-    for name, n in (("in_features", x.shape[-1]), ("hidden", h.shape[-1]),
-                    ("out_features", w2.shape[0])):
-        if n % 8:
-            reasons.append(f"{name} {n} is not a multiple of 8 (cuBLASLt's 16-byte alignment)")
-    return reasons
+    return _lt_reasons((("in_features", x.shape[-1]), ("hidden", h.shape[-1]),
+                        ("out_features", w2.shape[0])),
+                       (("grad_out", grad_out), ("x", x), ("h", h), ("w1", w1), ("w2", w2)))
 
 
 def _triton_reasons(*args):
@@ -156,9 +175,11 @@ BACKWARD_IMPLS = (
 
 
 @torch.library.register_kernel("mmfast::projector", "cuda")
-def _projector_cuda(x, w1, b1, w2, b2, approximate="none"):
+def _projector_cuda(x, w1, b1, w2, b2, approximate="none", keep_h=True):
     check_weights(OP, x, w1, b1, w2, b2, approximate)
-    return _backend.dispatch(OP, FORWARD_IMPLS, x, w1, b1, w2, b2, approximate)
+    out, h = _backend.dispatch(OP, FORWARD_IMPLS, x, w1, b1, w2, b2, approximate)
+    # the CUDA implementations always write h (their epilogues need it as a separate buffer)
+    return out, h if keep_h else h.new_empty(0)
 
 
 @torch.library.register_kernel("mmfast::projector_backward", "cuda")

@@ -67,6 +67,9 @@ def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, embeds, image_mask, approximate = inputs
     _, h = output
     ctx.mark_non_differentiable(h)
+    # h never receives a gradient; without this autograd would hand the backward a zero-filled
+    # tensor of h's size (an [N, hidden] allocation and memset per step).
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x, h, w1 if ctx.needs_input_grad[0] else None, w2, image_mask)
     ctx.approximate = approximate
 
@@ -74,6 +77,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_h):
     x, h, w1, w2, image_mask = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:6])
+    if grad_out is None:  # out was not used
+        return (None,) * 8
     grads = torch.ops.mmfast.projector_splice_backward(grad_out, x, h, w1, w2, image_mask,
                                                        ctx.approximate, mask)
     return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)

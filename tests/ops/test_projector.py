@@ -87,11 +87,27 @@ def test_backward_keeps_only_input_and_pre_activation():
     assert x.grad is None and all(p.grad is not None for p in (w1, b1, w2, b2))
 
 
+def test_inference_drops_the_pre_activation():
+    """Without a backward to come the GELU runs in place: h comes back empty, out is the same."""
+    sample = sample_inputs("projector", dtype=torch.float32)[0]
+    out_keep, h = torch.ops.mmfast.projector(*sample.args, True)
+    out_drop, empty = torch.ops.mmfast.projector(*sample.args, False)
+    assert h.shape[-1] == sample.args[1].shape[0] and empty.numel() == 0
+    torch.testing.assert_close(out_drop, out_keep, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.projector(*sample.args), out_keep, atol=0, rtol=0)
+    x = sample.args[0].detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="keep_h"):
+        torch.ops.mmfast.projector(x, *sample.args[1:], False)
+
+
 @pytest.mark.parametrize("requires_grad", [False, True])
 def test_opcheck(requires_grad):
     for dtype in (torch.float32, torch.bfloat16):
         for sample in sample_inputs("projector", dtype=dtype, requires_grad=requires_grad):
             torch.library.opcheck(torch.ops.mmfast.projector.default, sample.args)
+            if not requires_grad:
+                torch.library.opcheck(torch.ops.mmfast.projector.default, (*sample.args, False))
 
 
 def test_opcheck_backward():

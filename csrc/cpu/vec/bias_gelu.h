@@ -20,7 +20,8 @@ MMFAST_DECLARE_ISA_KERNEL(
                                  int64_t row_begin, int64_t row_end, int64_t cols, bool tanh_form))
 
 // Projector forward epilogue: h[r] += bias (bias may be null: h already holds the
-// pre-activation), act[r] = gelu(h[r]). One pass; h is kept for the backward.
+// pre-activation), act[r] = gelu(h[r]). One pass; h is kept for the backward, unless act == h
+// (in place: inference).
 MMFAST_DECLARE_ISA_KERNEL(
     void bias_gelu_keep_rows(c10::ScalarType dtype, void* h, const void* bias, void* act,
                              int64_t row_begin, int64_t row_end, int64_t cols, bool tanh_form))
