@@ -47,7 +47,7 @@ TORCH_LIBRARY(mmfast, m) {
   m.def("_projector_cuda(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate) -> (Tensor, Tensor)");
   m.def("_projector_backward_cuda(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, str approximate, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // projector_splice: embeds with the image_mask rows replaced, in order, by projector(x) rows;
-  // returns (out, h). output_mask: (x, w1, b1, w2, b2, embeds).
-  m.def("projector_splice(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor embeds, Tensor image_mask, str approximate=\"none\") -> (Tensor, Tensor)");
+  // returns (out, h) (h empty when keep_h=False). output_mask: (x, w1, b1, w2, b2, embeds).
+  m.def("projector_splice(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor embeds, Tensor image_mask, str approximate=\"none\", bool keep_h=True) -> (Tensor, Tensor)");
   m.def("projector_splice_backward(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, Tensor image_mask, str approximate, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

@@ -170,11 +170,11 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
                                                 const std::optional<Tensor>& b1, const Tensor& w2,
                                                 const std::optional<Tensor>& b2,
                                                 const Tensor& embeds, const Tensor& image_mask,
-                                                c10::string_view approximate) {
+                                                c10::string_view approximate, bool keep_h) {
   const bool tanh_form = check_projector_args("projector_splice", x, w1, b1, w2, b2, approximate);
   check_splice_args("projector_splice", x, w2, embeds, image_mask);
   const auto rows = placeholder_rows(image_mask, x.size(0));
-  auto [act, h] = first_layer(x, w1, b1, tanh_form);
+  auto [act, h] = first_layer(x, w1, b1, tanh_form, keep_h);
   auto out = embeds.clone(at::MemoryFormat::Contiguous);
   auto out2 = out.view({-1, out.size(-1)});
   const bool has_b2 = b2.has_value() && b2->defined();
@@ -198,7 +198,7 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
     const auto dst_idx = at::tensor(dst, x.options().dtype(at::kLong));
     out2.index_copy_(0, dst_idx, second_layer(act.index_select(0, src_idx), w2, b2));
   }
-  return {out, h};
+  return {out, keep_h ? h : at::empty({0}, x.options())};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projector_splice_backward_cpu(

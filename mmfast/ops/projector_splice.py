@@ -24,8 +24,11 @@ def projector_splice(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None,
     Returns a new tensor shaped like embeds (contiguous): the True rows hold the projected
     features, the others embeds' rows. Differentiable in x, the weights and embeds.
     """
-    return torch.ops.mmfast.projector_splice(x, w1, b1, w2, b2, embeds, image_mask,
-                                             approximate)[0]
+    # Without a backward to come, h need not outlive the op: the GELU then runs in place.
+    keep_h = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2, embeds))
+    return torch.ops.mmfast.projector_splice(x, w1, b1, w2, b2, embeds, image_mask, approximate,
+                                             keep_h)[0]
 
 
 def check_splice(op, x, w2, embeds, image_mask, embeds_name="embeds"):
@@ -48,10 +51,11 @@ def check_splice(op, x, w2, embeds, image_mask, embeds_name="embeds"):
 
 
 @torch.library.register_fake("mmfast::projector_splice")
-def _splice_fake(x, w1, b1, w2, b2, embeds, image_mask, approximate="none"):
+def _splice_fake(x, w1, b1, w2, b2, embeds, image_mask, approximate="none", keep_h=True):
     check_weights(OP, x, w1, b1, w2, b2, approximate)
     check_splice(OP, x, w2, embeds, image_mask)
-    return embeds.new_empty(embeds.shape), x.new_empty(x.shape[0], w1.shape[0])
+    h = x.new_empty(x.shape[0], w1.shape[0]) if keep_h else x.new_empty(0)
+    return embeds.new_empty(embeds.shape), h
 
 
 @torch.library.register_fake("mmfast::projector_splice_backward")
@@ -64,8 +68,11 @@ def _splice_backward_fake(grad_out, x, h, w1, w2, image_mask, approximate, outpu
 
 
 def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, embeds, image_mask, approximate = inputs
+    x, w1, b1, w2, b2, embeds, image_mask, approximate, keep_h = inputs
     _, h = output
+    if not keep_h and any(ctx.needs_input_grad[:6]):
+        raise RuntimeError("projector_splice: keep_h=False drops the pre-activation the backward "
+                           "needs; pass keep_h=True when an input requires grad")
     ctx.mark_non_differentiable(h)
     # h never receives a gradient; without this autograd would hand the backward a zero-filled
     # tensor of h's size (an [N, hidden] allocation and memset per step).
@@ -78,10 +85,10 @@ def _backward(ctx, grad_out, _grad_h):
     x, h, w1, w2, image_mask = ctx.saved_tensors
     mask = list(ctx.needs_input_grad[:6])
     if grad_out is None:  # out was not used
-        return (None,) * 8
+        return (None,) * 9
     grads = torch.ops.mmfast.projector_splice_backward(grad_out, x, h, w1, w2, image_mask,
                                                        ctx.approximate, mask)
-    return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None, None)
 
 
 torch.library.register_autograd("mmfast::projector_splice", _backward,
@@ -111,11 +118,13 @@ BACKWARD_IMPLS = (_backend.Implementation("triton", "triton", _triton_reasons, _
 
 
 @torch.library.register_kernel("mmfast::projector_splice", "cuda")
-def _splice_cuda(x, w1, b1, w2, b2, embeds, image_mask, approximate="none"):
+def _splice_cuda(x, w1, b1, w2, b2, embeds, image_mask, approximate="none", keep_h=True):
     check_weights(OP, x, w1, b1, w2, b2, approximate)
     check_splice(OP, x, w2, embeds, image_mask)
-    return _backend.dispatch(OP, FORWARD_IMPLS, x, w1, b1, w2, b2, embeds, image_mask,
-                             approximate)
+    out, h = _backend.dispatch(OP, FORWARD_IMPLS, x, w1, b1, w2, b2, embeds, image_mask,
+                               approximate)
+    # the Triton GEMM's epilogue writes h and the activation to separate buffers
+    return out, h if keep_h else h.new_empty(0)
 
 
 @torch.library.register_kernel("mmfast::projector_splice_backward", "cuda")

@@ -28,6 +28,19 @@ def test_rows_outside_the_mask_are_embeds_exactly():
 def test_opcheck(requires_grad):
     for sample in sample_inputs("projector_splice", dtype=torch.float32, requires_grad=requires_grad):
         torch.library.opcheck(torch.ops.mmfast.projector_splice.default, sample.args)
+        if not requires_grad:
+            torch.library.opcheck(torch.ops.mmfast.projector_splice.default, (*sample.args, False))
+
+
+def test_inference_drops_the_pre_activation():
+    sample = sample_inputs("projector_splice", dtype=torch.float32)[0]
+    out_keep, h = torch.ops.mmfast.projector_splice(*sample.args, True)
+    out_drop, empty = torch.ops.mmfast.projector_splice(*sample.args, False)
+    assert h.shape == (sample.args[0].shape[0], sample.args[1].shape[0]) and empty.numel() == 0
+    torch.testing.assert_close(out_drop, out_keep, atol=0, rtol=0)
+    x = sample.args[0].detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="keep_h"):
+        torch.ops.mmfast.projector_splice(x, *sample.args[1:], False)
 
 
 def test_opcheck_backward():
