@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from mmfast.kernels.aot import AotSpec, register_aot
+from mmfast.kernels.bias_gelu import _gelu, _tanh
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -43,28 +44,10 @@ GROUP_M = 8
 GELU_BLOCK_R, GELU_BLOCK_C = 16, 256
 
 
-# The GELU constants are written out in the jit functions: a global must be a tl.constexpr to
-# compile for a GPU, and the interpreter cannot mix such constexprs into tl.exp's argument.
-# sqrt(1/2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327, sqrt(2/pi) = 0.7978845608028654
-
-
-@triton.jit
-def _tanh(u):
-    # through exp (libdevice's tanh is not in the interpreter); exp -> inf saturates to 1.
-    return 1.0 - 2.0 / (tl.exp(2.0 * u) + 1.0)
-
-
-@triton.jit
-def _gelu(v, TANH: tl.constexpr):
-    if TANH:
-        return 0.5 * v * (1.0 + _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v)))
-    else:
-        return 0.5 * v * (1.0 + tl.erf(v * 0.7071067811865476))
-
-
 @triton.jit
 def _gelu_and_grad(v, TANH: tl.constexpr):
-    """(gelu(v), gelu'(v)) sharing erf and exp, or tanh."""
+    """(gelu(v), gelu'(v)) sharing erf and exp, or tanh (bias_gelu's _gelu and _dgelu, fused).
+    sqrt(2/pi) = 0.7978845608028654, sqrt(1/2) = 0.7071067811865476, 1/sqrt(2 pi) = 0.3989422804014327"""
     if TANH:
         t = _tanh(0.7978845608028654 * (v + 0.044715 * v * v * v))
         du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * v * v)
