@@ -50,4 +50,19 @@ TORCH_LIBRARY(mmfast, m) {
   m.def("cross_attention(Tensor q, Tensor k, Tensor v, Tensor? kv_lens=None, Tensor? q_media=None, Tensor? kv_media=None, str media_mode=\"immediate\", float? scale=None) -> (Tensor, Tensor)");
   m.def("cross_attention_backward(Tensor grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, Tensor? kv_lens, Tensor? q_media, Tensor? kv_media, str media_mode, float scale) -> (Tensor, Tensor, Tensor)");
   m.def("key_attention_mass(Tensor q, Tensor k, Tensor? kv_lens=None, Tensor? q_media=None, Tensor? kv_media=None, str media_mode=\"immediate\", float? scale=None) -> Tensor");
+
+  // projector: out = gelu(x w1^T + b1) w2^T + b2; also returns the pre-activation h that the
+  // backward needs (mmfast.ops.projector returns out only). output_mask: (x, w1, b1, w2, b2);
+  // a gradient not asked for comes back as an empty tensor. w1 is needed only for grad_x (a
+  // frozen x needs none, and then the forward does not keep w1).
+  // keep_h=False (no gradient will be taken): the GELU runs in place and h comes back empty, so
+  // inference holds one [N, hidden] buffer less.
+  m.def("projector(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate=\"none\", bool keep_h=True) -> (Tensor, Tensor)");
+  m.def("projector_backward(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, str approximate, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("_projector_cuda(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate) -> (Tensor, Tensor)");
+  m.def("_projector_backward_cuda(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, str approximate, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // projector_splice: embeds with the image_mask rows replaced, in order, by projector(x) rows;
+  // returns (out, h) (h empty when keep_h=False). output_mask: (x, w1, b1, w2, b2, embeds).
+  m.def("projector_splice(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor embeds, Tensor image_mask, str approximate=\"none\", bool keep_h=True) -> (Tensor, Tensor)");
+  m.def("projector_splice_backward(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, Tensor image_mask, str approximate, bool[6] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }

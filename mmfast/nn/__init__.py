@@ -2,8 +2,9 @@
 
 from mmfast.nn.attention_pruner import AttentionPruner, PrunedTokens
 from mmfast.nn.pooling import PixelShuffle, SpatialPool
+from mmfast.nn.projector import Projector
 from mmfast.nn.resampler import PerceiverResampler, Resampler
 from mmfast.nn.token_merge import MergedTokens, TokenMerger
 
-__all__ = ["AttentionPruner", "MergedTokens", "PerceiverResampler", "PixelShuffle", "PrunedTokens",
-           "Resampler", "SpatialPool", "TokenMerger"]
+__all__ = ["AttentionPruner", "MergedTokens", "PerceiverResampler", "PixelShuffle", "Projector",
+           "PrunedTokens", "Resampler", "SpatialPool", "TokenMerger"]

@@ -2,8 +2,10 @@
 fast kernels against these; nothing here is tuned for speed."""
 
 from mmfast.reference.bias_gelu import bias_gelu
-from mmfast.reference.cross_attention import cross_attention, key_attention_mass
 from mmfast.reference.bipartite_merge import bipartite_merge
+from mmfast.reference.cross_attention import cross_attention, key_attention_mass
+from mmfast.reference.projector import projector, projector_splice
 from mmfast.reference.prune_tokens import prune_tokens
 
-__all__ = ["bias_gelu", "bipartite_merge", "prune_tokens", "cross_attention", "key_attention_mass"]
+__all__ = ["bias_gelu", "bipartite_merge", "cross_attention", "key_attention_mass", "projector",
+           "projector_splice", "prune_tokens"]

@@ -100,6 +100,69 @@ void backward_rows(const T* grad, const T* x, const T* bias, T* grad_x, float* b
   }
 }
 
+// gelu(v) and gelu'(v) sharing the expensive part (erf and exp, or tanh).
+inline void gelu_and_grad(const fVec& v, bool tanh_form, fVec& act, fVec& d) {
+  const fVec half(0.5f), one(1.0f);
+  if (tanh_form) {
+    const fVec v2 = v * v;
+    const fVec t = (fVec(kTanhK) * (v + fVec(kTanhC) * v2 * v)).tanh();
+    act = half * v * (one + t);
+    d = half * (one + t) + half * v * (one - t * t) * (fVec(kTanhK) * (one + fVec(3.0f * kTanhC) * v2));
+  } else {
+    const fVec cdf = half * (one + (v * fVec(kSqrt1_2)).erf());
+    act = v * cdf;
+    d = cdf + v * (fVec(-0.5f) * v * v).exp() * fVec(kInvSqrt2Pi);
+  }
+}
+
+template <typename T>
+void keep_rows(T* h, const T* bias, T* act, int64_t r0, int64_t r1, int64_t cols, bool tanh_form) {
+  for (int64_t r = r0; r < r1; ++r) {
+    T* hr = h + r * cols;
+    T* ar = act + r * cols;
+    for_each_chunk(cols, [&](int64_t c, int64_t n) {
+      fVec v0, v1;
+      load2(hr + c, n, v0, v1);
+      if (bias != nullptr) {
+        fVec b0, b1;
+        load2(bias + c, n, b0, b1);
+        v0 = v0 + b0;
+        v1 = v1 + b1;
+        // h is stored rounded to T; gelu is taken of that stored value, so the backward,
+        // which only sees the stored h, recomputes exactly this activation.
+        store2(hr + c, n, v0, v1);
+        if constexpr (!std::is_same_v<T, float>) load2(hr + c, n, v0, v1);
+      }
+      store2(ar + c, n, gelu(v0, tanh_form), gelu(v1, tanh_form));
+    });
+  }
+}
+
+template <typename T>
+void recompute_backward_rows(const T* h, T* grad, T* act, float* bias_partial, int64_t r0,
+                             int64_t r1, int64_t cols, bool tanh_form) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* hr = h + r * cols;
+    T* gr = grad == nullptr ? nullptr : grad + r * cols;
+    T* ar = act == nullptr ? nullptr : act + r * cols;
+    for_each_chunk(cols, [&](int64_t c, int64_t n) {
+      fVec v0, v1, a0, a1, d0, d1;
+      load2(hr + c, n, v0, v1);
+      gelu_and_grad(v0, tanh_form, a0, d0);
+      gelu_and_grad(v1, tanh_form, a1, d1);
+      if (ar != nullptr) store2(ar + c, n, a0, a1);
+      if (gr != nullptr) {
+        fVec g0, g1;
+        load2(gr + c, n, g0, g1);
+        g0 = g0 * d0;
+        g1 = g1 * d1;
+        store2(gr + c, n, g0, g1);
+        if (bias_partial != nullptr) accumulate2(bias_partial + c, n, g0, g1);
+      }
+    });
+  }
+}
+
 }  // namespace
 
 void bias_gelu_rows(c10::ScalarType dtype, const void* x, const void* bias, void* out,
@@ -141,6 +204,35 @@ void bias_gelu_backward_rows(c10::ScalarType dtype, const void* grad, const void
     default:
       return;
   }
+}
+
+template <typename Fn>
+inline void dispatch_float(c10::ScalarType dtype, Fn&& fn) {
+  switch (dtype) {
+    case c10::ScalarType::Float: return fn(float{});
+    case c10::ScalarType::Half: return fn(c10::Half{});
+    case c10::ScalarType::BFloat16: return fn(c10::BFloat16{});
+    default: return;  // dtype is checked by the caller
+  }
+}
+
+void bias_gelu_keep_rows(c10::ScalarType dtype, void* h, const void* bias, void* act,
+                         int64_t row_begin, int64_t row_end, int64_t cols, bool tanh_form) {
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    keep_rows(static_cast<T*>(h), static_cast<const T*>(bias), static_cast<T*>(act), row_begin,
+              row_end, cols, tanh_form);
+  });
+}
+
+void gelu_recompute_backward_rows(c10::ScalarType dtype, const void* h, void* grad, void* act,
+                                  float* bias_partial, int64_t row_begin, int64_t row_end,
+                                  int64_t cols, bool tanh_form) {
+  dispatch_float(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    recompute_backward_rows(static_cast<const T*>(h), static_cast<T*>(grad), static_cast<T*>(act),
+                            bias_partial, row_begin, row_end, cols, tanh_form);
+  });
 }
 
 }  // namespace mmfast::cpu::CPU_CAPABILITY

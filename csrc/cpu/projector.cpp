@@ -1,0 +1,232 @@
+// CPU kernels of mmfast::projector and mmfast::projector_splice (and their backwards).
+//
+// The GEMMs go through ATen (MKL / oneDNN: on this class of CPU they run at the machine's GEMM
+// rate, and the projector is GEMM-bound); everything between them is one vectorized pass over
+// rows (csrc/cpu/vec/bias_gelu.cpp), split across threads:
+//   forward   h = x w1^T, then one pass h += b1, act = gelu(h); out = b2 + act w2^T
+//   backward  grad_h = g w2, then one pass over the saved h that recomputes act = gelu(h) and
+//             turns grad_h into grad_h * gelu'(h) (plus b1's gradient); then the weight GEMMs.
+// Only x and h are saved for the backward (the activation is recomputed, never stored).
+// The splice writes the second GEMM's rows straight into their placeholder rows of the copy of
+// embeds: every long run of consecutive placeholders is one GEMM into that slice of the output.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include <array>
+#include <vector>
+
+#include "common/projector.h"
+#include "cpu/vec/bias_gelu.h"
+
+namespace mmfast::cpu {
+
+namespace {
+
+using at::Tensor;
+
+// Rows per task of the elementwise passes: ~64 KiB of one operand per task.
+int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)); }
+
+// Placeholder runs at least this long get their own GEMM straight into the output; shorter
+// runs are gathered and done together (a GEMM call costs tens of microseconds here).
+constexpr int64_t kMinDirectRun = 32;
+
+Tensor as_rows(const Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
+Tensor defined_or_empty(const Tensor& t, const Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
+}
+
+// h [N, H] (pre-activation, without b1) -> h += b1, act = gelu(h). In place (act is h's
+// buffer, h is lost) when !keep_h.
+Tensor bias_gelu_keep(Tensor& h, const std::optional<Tensor>& b1, bool tanh_form, bool keep_h) {
+  auto act = keep_h ? at::empty_like(h) : h;
+  const int64_t cols = h.size(1);
+  const Tensor bias = b1.has_value() && b1->defined() ? b1->contiguous() : Tensor();
+  const auto kernel = MMFAST_PICK_ISA(bias_gelu_keep_rows);
+  at::parallel_for(0, h.size(0), row_grain(cols), [&](int64_t r0, int64_t r1) {
+    kernel(h.scalar_type(), h.mutable_data_ptr(), bias.defined() ? bias.const_data_ptr() : nullptr,
+           act.mutable_data_ptr(), r0, r1, cols, tanh_form);
+  });
+  return act;
+}
+
+// x2 [N, Cin] -> (act [N, H], h [N, H]; h undefined when !keep_h)
+std::pair<Tensor, Tensor> first_layer(const Tensor& x2, const Tensor& w1,
+                                      const std::optional<Tensor>& b1, bool tanh_form,
+                                      bool keep_h = true) {
+  auto h = at::mm(x2, w1.t());
+  auto act = bias_gelu_keep(h, b1, tanh_form, keep_h);
+  return {act, keep_h ? h : Tensor()};
+}
+
+Tensor second_layer(const Tensor& act, const Tensor& w2, const std::optional<Tensor>& b2) {
+  return b2.has_value() && b2->defined() ? at::addmm(*b2, act, w2.t()) : at::mm(act, w2.t());
+}
+
+std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
+                                         const std::optional<Tensor>& b1, const Tensor& w2,
+                                         const std::optional<Tensor>& b2,
+                                         c10::string_view approximate, bool keep_h) {
+  const bool tanh_form = check_projector_args("projector", x, w1, b1, w2, b2, approximate);
+  auto [act, h] = first_layer(as_rows(x), w1, b1, tanh_form, keep_h);
+  auto out = second_layer(act, w2, b2);
+  auto lead = x.sizes().vec();
+  lead.back() = w2.size(0);
+  if (!keep_h) return {out.view(lead), at::empty({0}, x.options())};
+  auto h_shape = x.sizes().vec();
+  h_shape.back() = w1.size(0);
+  return {out.view(lead), h.view(h_shape)};
+}
+
+// Gradients of the projector from g [N, Hout] (grad of its output rows), x2 [N, Cin] and the
+// saved pre-activation h2 [N, H]. mask: which of (x, w1, b1, w2, b2) to compute; the others
+// come back undefined and cost nothing.
+std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Tensor& h2,
+                                    const std::optional<Tensor>& w1, const Tensor& w2, bool tanh_form,
+                                    std::array<bool, 5> mask) {
+  std::array<Tensor, 5> grads;
+  const bool need_grad_h = mask[0] || mask[1] || mask[2];
+  const int64_t rows = h2.size(0);
+  const int64_t cols = h2.size(1);
+  Tensor act = mask[3] ? at::empty_like(h2) : Tensor();
+  Tensor grad_h = need_grad_h ? at::mm(g, w2) : Tensor();  // [N, H], turned into grad_h in place
+  if (mask[3] || need_grad_h) {
+    // The bias gradient is reduced per fixed block of rows, then the blocks are summed in
+    // order: the same result whatever the thread count, and no atomics. At most 64 blocks:
+    // enough tasks for the threads, and float32 partials of at most 64 rows.
+    const int64_t block = std::max<int64_t>(row_grain(cols), (rows + 63) / 64);
+    const int64_t nblocks = (rows + block - 1) / block;
+    Tensor partial = mask[2] ? at::zeros({std::max<int64_t>(nblocks, 1), cols},
+                                         h2.options().dtype(at::kFloat))
+                             : Tensor();
+    const auto kernel = MMFAST_PICK_ISA(gelu_recompute_backward_rows);
+    at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        kernel(h2.scalar_type(), h2.const_data_ptr(),
+               grad_h.defined() ? grad_h.mutable_data_ptr() : nullptr,
+               act.defined() ? act.mutable_data_ptr() : nullptr,
+               partial.defined() ? partial.mutable_data_ptr<float>() + b * cols : nullptr,
+               b * block, std::min(rows, (b + 1) * block), cols, tanh_form);
+      }
+    });
+    if (mask[2]) grads[2] = partial.sum(0).to(h2.scalar_type());
+  }
+  if (mask[3]) {
+    grads[3] = at::mm(g.t(), act);
+    act.reset();  // before the next GEMMs allocate: lowers the backward's peak
+  }
+  if (mask[4]) grads[4] = g.sum(0);
+  if (mask[1]) grads[1] = at::mm(grad_h.t(), x2);
+  if (mask[0]) grads[0] = at::mm(grad_h, *w1);
+  return grads;
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> to_outputs(std::array<Tensor, 5>& grads,
+                                                              const Tensor& x) {
+  return {defined_or_empty(grads[0], x), defined_or_empty(grads[1], x),
+          defined_or_empty(grads[2], x), defined_or_empty(grads[3], x),
+          defined_or_empty(grads[4], x)};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projector_backward_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& h, const std::optional<Tensor>& w1,
+    const Tensor& w2, c10::string_view approximate, std::array<bool, 5> output_mask) {
+  const bool tanh_form = check_projector_backward_args("projector_backward", grad_out, x, h, w1,
+                                                       w2, approximate, output_mask[0]);
+  TORCH_CHECK_VALUE(grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+                    "projector_backward: grad_out must have x's leading dims, got ",
+                    grad_out.sizes(), " for x ", x.sizes());
+  auto grads = backward_rows(as_rows(grad_out).contiguous(), as_rows(x), as_rows(h).contiguous(),
+                             w1, w2, tanh_form, output_mask);
+  if (grads[0].defined()) grads[0] = grads[0].view(x.sizes());
+  return to_outputs(grads, x);
+}
+
+// Positions (rows of embeds viewed as [-1, Hout]) of the True entries of image_mask, in order;
+// checks that there are exactly n of them.
+std::vector<int64_t> placeholder_rows(const Tensor& image_mask, int64_t n) {
+  const auto mask = image_mask.contiguous();
+  const bool* m = mask.const_data_ptr<bool>();
+  std::vector<int64_t> rows;
+  rows.reserve(n);
+  for (int64_t i = 0; i < mask.numel(); ++i) {
+    if (m[i]) rows.push_back(i);
+  }
+  TORCH_CHECK_VALUE(static_cast<int64_t>(rows.size()) == n, "projector_splice: image_mask has ",
+                    rows.size(), " True positions but x has ", n,
+                    " rows (one row of x per image token)");
+  return rows;
+}
+
+std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w1,
+                                                const std::optional<Tensor>& b1, const Tensor& w2,
+                                                const std::optional<Tensor>& b2,
+                                                const Tensor& embeds, const Tensor& image_mask,
+                                                c10::string_view approximate, bool keep_h) {
+  const bool tanh_form = check_projector_args("projector_splice", x, w1, b1, w2, b2, approximate);
+  check_splice_args("projector_splice", x, w2, embeds, image_mask);
+  const auto rows = placeholder_rows(image_mask, x.size(0));
+  auto [act, h] = first_layer(x, w1, b1, tanh_form, keep_h);
+  auto out = embeds.clone(at::MemoryFormat::Contiguous);
+  auto out2 = out.view({-1, out.size(-1)});
+  const bool has_b2 = b2.has_value() && b2->defined();
+  std::vector<int64_t> scattered;  // rows of x in short runs
+  for (int64_t i = 0; i < static_cast<int64_t>(rows.size());) {
+    int64_t j = i + 1;
+    while (j < static_cast<int64_t>(rows.size()) && rows[j] == rows[j - 1] + 1) ++j;
+    if (j - i >= kMinDirectRun) {
+      auto dst = out2.narrow(0, rows[i], j - i);
+      auto src = act.narrow(0, i, j - i);
+      if (has_b2) at::addmm_out(dst, *b2, src, w2.t()); else at::mm_out(dst, src, w2.t());
+    } else {
+      for (int64_t k = i; k < j; ++k) scattered.push_back(k);
+    }
+    i = j;
+  }
+  if (!scattered.empty()) {
+    const auto src_idx = at::tensor(scattered, x.options().dtype(at::kLong));
+    std::vector<int64_t> dst(scattered.size());
+    for (size_t k = 0; k < scattered.size(); ++k) dst[k] = rows[scattered[k]];
+    const auto dst_idx = at::tensor(dst, x.options().dtype(at::kLong));
+    out2.index_copy_(0, dst_idx, second_layer(act.index_select(0, src_idx), w2, b2));
+  }
+  return {out, keep_h ? h : at::empty({0}, x.options())};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projector_splice_backward_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& h, const std::optional<Tensor>& w1,
+    const Tensor& w2, const Tensor& image_mask, c10::string_view approximate,
+    std::array<bool, 6> output_mask) {
+  const bool tanh_form = check_projector_backward_args("projector_splice_backward", grad_out, x,
+                                                       h, w1, w2, approximate, output_mask[0]);
+  check_splice_args("projector_splice_backward", x, w2, grad_out, image_mask, "grad_out");
+  const auto rows = placeholder_rows(image_mask, x.size(0));
+  auto g2 = as_rows(grad_out);
+  const auto idx = at::tensor(rows, x.options().dtype(at::kLong));
+  auto grads = backward_rows(g2.index_select(0, idx), x, h.contiguous(), w1, w2, tanh_form,
+                             {output_mask[0], output_mask[1], output_mask[2], output_mask[3],
+                              output_mask[4]});
+  Tensor grad_embeds = output_mask[5] ? grad_out.masked_fill(image_mask.unsqueeze(-1), 0)
+                                      : at::empty({0}, x.options());
+  auto [gx, gw1, gb1, gw2, gb2] = to_outputs(grads, x);
+  return {gx, gw1, gb1, gw2, gb2, grad_embeds};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
+  m.impl("projector", &projector_cpu);
+  m.impl("projector_backward", &projector_backward_cpu);
+  m.impl("projector_splice", &projector_splice_cpu);
+  m.impl("projector_splice_backward", &projector_splice_backward_cpu);
+}
+
+}  // namespace mmfast::cpu

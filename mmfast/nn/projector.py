@@ -1,0 +1,128 @@
+"""Projector: the VLM adapter (LLaVA's mlp{depth}x_gelu, HF LlavaMultiModalProjector) over
+mmfast.ops.projector, with the parameter names of the checkpoints it replaces."""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmfast.ops.projector import projector
+
+KEY_STYLES = ("hf", "llava")
+
+# GELU modules of torch and transformers, by class name, and the GELU form they compute.
+# transformers' tanh-form activations (gelu_pytorch_tanh, gelu_new, gelu_fast) all evaluate
+# 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))); its "gelu" is the exact form.
+_GELU_FORMS = {
+    "GELUActivation": "none",
+    "PytorchGELUTanh": "tanh",
+    "GELUTanh": "tanh",
+    "NewGELUActivation": "tanh",
+    "FastGELUActivation": "tanh",
+}
+
+
+def _gelu_form(act: nn.Module) -> str:
+    if isinstance(act, nn.GELU):
+        return act.approximate
+    form = _GELU_FORMS.get(type(act).__name__)
+    if form is None:
+        raise ValueError(f"Projector.from_module: activation {type(act).__name__} is not a GELU "
+                         "(mmfast's projector computes Linear -> GELU -> Linear)")
+    return form
+
+
+def _layer_name(i: int, key_style: str) -> str:
+    """Name of the i-th Linear (0-based): linear_{i+1} (HF) or the nn.Sequential index 2i
+    (LLaVA: Linear, GELU, Linear, GELU, ...)."""
+    return f"linear_{i + 1}" if key_style == "hf" else str(2 * i)
+
+
+class Projector(nn.Module):
+    """Linear(in, hidden) -> GELU -> Linear(hidden, hidden) -> ... -> GELU -> Linear(hidden, out),
+    `depth` Linears in all (LLaVA's mlp{depth}x_gelu; depth=2 is HF LlavaMultiModalProjector).
+
+    The first two Linears and the GELU between them run as one fused mmfast.ops.projector
+    (which keeps only its input and pre-activation for the backward); deeper layers follow as
+    GELU -> Linear.
+
+    Parameters live in nn.Linear submodules named like the checkpoint being replaced:
+    key_style="hf": linear_1, linear_2, ... (LlavaMultiModalProjector); key_style="llava":
+    0, 2, 4, ... (LLaVA's nn.Sequential). load_state_dict accepts either naming.
+
+    x: [..., in_features] -> [..., out_features].
+    """
+
+    def __init__(self, in_features: int, hidden_features: int, out_features: int, depth: int = 2,
+                 approximate: str = "none", bias: bool = True, *, key_style: str = "hf",
+                 device=None, dtype=None):
+        super().__init__()
+        if depth < 2:
+            raise ValueError(f"Projector: depth must be at least 2 (Linear, GELU, Linear), got {depth}")
+        if approximate not in ("none", "tanh"):
+            raise ValueError(f"Projector: approximate must be 'none' or 'tanh', got {approximate!r}")
+        if key_style not in KEY_STYLES:
+            raise ValueError(f"Projector: key_style must be one of {KEY_STYLES}, got {key_style!r}")
+        self.depth = depth
+        self.approximate = approximate
+        self.key_style = key_style
+        dims = [in_features] + [hidden_features] * (depth - 1) + [out_features]
+        for i in range(depth):
+            self.add_module(_layer_name(i, key_style),
+                            nn.Linear(dims[i], dims[i + 1], bias=bias, device=device, dtype=dtype))
+        self._register_load_state_dict_pre_hook(self._rename_foreign_keys)
+
+    @property
+    def linears(self) -> list[nn.Linear]:
+        return [getattr(self, _layer_name(i, self.key_style)) for i in range(self.depth)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first, second, *rest = self.linears
+        y = projector(x, first.weight, first.bias, second.weight, second.bias, self.approximate)
+        for layer in rest:
+            y = F.linear(F.gelu(y, approximate=self.approximate), layer.weight, layer.bias)
+        return y
+
+    def _rename_foreign_keys(self, state_dict, prefix, *args):
+        """Maps the other checkpoint naming (HF linear_k <-> LLaVA Sequential index) onto ours."""
+        other = "llava" if self.key_style == "hf" else "hf"
+        for i in range(self.depth):
+            for p in ("weight", "bias"):
+                theirs = f"{prefix}{_layer_name(i, other)}.{p}"
+                ours = f"{prefix}{_layer_name(i, self.key_style)}.{p}"
+                if theirs in state_dict and ours not in state_dict:
+                    state_dict[ours] = state_dict.pop(theirs)
+
+    @classmethod
+    def from_module(cls, module: nn.Module) -> "Projector":
+        """A Projector with the weights, GELU form, dtype and device of `module`: an HF
+        LlavaMultiModalProjector (linear_1, act, linear_2) or a LLaVA nn.Sequential
+        (Linear, GELU, Linear[, GELU, Linear ...]). Its state_dict keys are the module's."""
+        if isinstance(module, nn.Sequential):
+            parts = list(module)
+            linears, acts = parts[0::2], parts[1::2]
+            if len(parts) < 3 or len(parts) % 2 == 0 or not all(
+                    isinstance(m, nn.Linear) for m in linears):
+                raise ValueError("Projector.from_module: expected nn.Sequential(Linear, GELU, "
+                                 f"Linear[, GELU, Linear ...]), got {module}")
+            key_style = "llava"
+        elif all(hasattr(module, n) for n in ("linear_1", "linear_2", "act")):
+            linears, acts = [module.linear_1, module.linear_2], [module.act]
+            key_style = "hf"
+        else:
+            raise ValueError("Projector.from_module: expected an HF LlavaMultiModalProjector or a "
+                             f"LLaVA nn.Sequential projector, got {type(module).__name__}")
+        forms = {_gelu_form(a) for a in acts}
+        if len(forms) != 1:
+            raise ValueError(f"Projector.from_module: mixed GELU forms {sorted(forms)}")
+        biases = {m.bias is not None for m in linears}
+        if len(biases) != 1:
+            raise ValueError("Projector.from_module: some Linears have a bias and others not")
+        first = linears[0]
+        new = cls(first.in_features, first.out_features, linears[-1].out_features,
+                  depth=len(linears), approximate=forms.pop(), bias=biases.pop(),
+                  key_style=key_style, device=first.weight.device, dtype=first.weight.dtype)
+        new.load_state_dict(module.state_dict())
+        return new
+
+    def extra_repr(self) -> str:
+        return f"depth={self.depth}, approximate={self.approximate!r}, key_style={self.key_style!r}"

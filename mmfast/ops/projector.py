@@ -1,0 +1,189 @@
+"""projector: the VLM adapter MLP, Linear -> GELU -> Linear, fused, with a memory-lean backward
+(only x and the pre-activation h are kept; the activation is recomputed in the backward, in the
+same pass as the GELU derivative)."""
+
+import torch
+
+from mmfast import _backend
+from mmfast.ops._checks import check_approximate, check_float, check_same
+
+OP = "projector"
+
+
+def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: torch.Tensor,
+              b2: torch.Tensor | None, approximate: str = "none") -> torch.Tensor:
+    """``F.linear(F.gelu(F.linear(x, w1, b1), approximate=approximate), w2, b2)``, fused.
+
+    x:  [..., Cin] float32, float16 or bfloat16 (any leading dims, any strides).
+    w1: [H, Cin], b1: [H] or None, w2: [Hout, H], b2: [Hout] or None; x's dtype and device.
+    approximate: "none" (exact erf GELU, LLaVA's mlp2x_gelu and HF LlavaMultiModalProjector)
+        or "tanh".
+    Returns out [..., Hout] in x's dtype (GEMMs accumulate in float32, GELU in float32).
+    Differentiable in every tensor; for the backward only x and h = x w1^T + b1 [..., H] are
+    kept, and a gradient that no input needs is not computed.
+    """
+    # Without a backward to come, h need not outlive the op: the GELU then runs in place.
+    keep_h = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    return torch.ops.mmfast.projector(x, w1, b1, w2, b2, approximate, keep_h)[0]
+
+
+def check_weights(op: str, x, w1, b1, w2, b2, approximate) -> bool:
+    """Checks the projector operands (shared with projector_splice); True for the tanh form."""
+    tanh = check_approximate(op, approximate)
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension [..., in_features]")
+    check_float(op, "x", x)
+    if w1.dim() != 2 or w1.shape[1] != x.shape[-1]:
+        raise ValueError(f"{op}: w1 must have shape [hidden, {x.shape[-1]}] (in_features = the "
+                         f"last dim of x), got {list(w1.shape)}")
+    if w2.dim() != 2 or w2.shape[1] != w1.shape[0]:
+        raise ValueError(f"{op}: w2 must have shape [out_features, {w1.shape[0]}] (hidden = "
+                         f"w1.shape[0]), got {list(w2.shape)}")
+    check_same(op, "w1", w1, "x", x)
+    check_same(op, "w2", w2, "x", x)
+    for name, b, w in (("b1", b1, w1), ("b2", b2, w2)):
+        if b is None:
+            continue
+        if b.dim() != 1 or b.shape[0] != w.shape[0]:
+            raise ValueError(f"{op}: {name} must have shape [{w.shape[0]}], got {list(b.shape)}")
+        check_same(op, name, b, "x", x)
+    return tanh
+
+
+def check_backward(op: str, grad_out, x, h, w1, w2, approximate, need_grad_x: bool) -> bool:
+    tanh = check_approximate(op, approximate)
+    if x.dim() < 1 or h.dim() != x.dim() or h.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"{op}: h must have x's leading dims, got {list(h.shape)} for x "
+                         f"{list(x.shape)}")
+    if w2.dim() != 2 or w2.shape[1] != h.shape[-1]:
+        raise ValueError(f"{op}: w2 must have shape [out_features, {h.shape[-1]}], got "
+                         f"{list(w2.shape)}")
+    if grad_out.dim() < 1 or grad_out.shape[-1] != w2.shape[0]:
+        raise ValueError(f"{op}: grad_out's last dim must be {w2.shape[0]}, got "
+                         f"{list(grad_out.shape)}")
+    if need_grad_x and w1 is None:
+        raise ValueError(f"{op}: w1 is needed for the gradient of x")
+    if w1 is not None:
+        if w1.dim() != 2 or tuple(w1.shape) != (h.shape[-1], x.shape[-1]):
+            raise ValueError(f"{op}: w1 must have shape [{h.shape[-1]}, {x.shape[-1]}], got "
+                             f"{list(w1.shape)}")
+        check_same(op, "w1", w1, "x", x)
+    for name, t in (("grad_out", grad_out), ("h", h), ("w2", w2)):
+        check_same(op, name, t, "x", x)
+    return tanh
+
+
+def grads_like(x, w1_shape, h, w2, mask):
+    """Fake gradients: (x, w1, b1, w2, b2) shapes where asked for, empty tensors elsewhere."""
+    shapes = (x.shape, w1_shape, (h.shape[-1],), w2.shape, (w2.shape[0],))
+    return tuple(x.new_empty(s if m else (0,)) for s, m in zip(shapes, mask))
+
+
+@torch.library.register_fake("mmfast::projector")
+def _projector_fake(x, w1, b1, w2, b2, approximate="none", keep_h=True):
+    check_weights(OP, x, w1, b1, w2, b2, approximate)
+    h = x.new_empty(*x.shape[:-1], w1.shape[0]) if keep_h else x.new_empty(0)
+    return x.new_empty(*x.shape[:-1], w2.shape[0]), h
+
+
+@torch.library.register_fake("mmfast::projector_backward")
+def _projector_backward_fake(grad_out, x, h, w1, w2, approximate, output_mask):
+    check_backward("projector_backward", grad_out, x, h, w1, w2, approximate, output_mask[0])
+    w1_shape = (h.shape[-1], x.shape[-1])
+    return grads_like(x, w1_shape, h, w2, output_mask)
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, approximate, keep_h = inputs
+    _, h = output
+    if not keep_h and any(ctx.needs_input_grad[:5]):
+        raise RuntimeError("projector: keep_h=False drops the pre-activation the backward needs; "
+                           "pass keep_h=True when an input requires grad")
+    ctx.mark_non_differentiable(h)
+    # h never receives a gradient; without this autograd would hand the backward a zero-filled
+    # tensor of h's size (an [N, hidden] allocation and memset per step).
+    ctx.set_materialize_grads(False)
+    # w1 is only needed for grad_x: a frozen x (the alignment stage) keeps no reference to it.
+    ctx.save_for_backward(x, h, w1 if ctx.needs_input_grad[0] else None, w2)
+    ctx.approximate = approximate
+
+
+def _backward(ctx, grad_out, _grad_h):
+    x, h, w1, w2 = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:5])
+    if grad_out is None:  # out was not used
+        return (None,) * 7
+    grads = torch.ops.mmfast.projector_backward(grad_out, x, h, w1, w2, ctx.approximate, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask)) + (None, None)
+
+
+torch.library.register_autograd("mmfast::projector", _backward, setup_context=_setup_context)
+
+
+# --- CUDA: cuBLASLt (CUDA C++) first, the Triton GEMM for what it cannot take -----------------
+
+def _lt_reasons(features, tensors):
+    """cuBLASLt's GELU aux buffer needs a leading dimension divisible by 8, and its fast
+    kernels 16-byte aligned rows and pointers."""
+    reasons = _backend.cuda_kernels_available()
+    for name, n in features:
+        if n % 8:
+            reasons.append(f"{name} {n} is not a multiple of 8 (cuBLASLt's aligned rows)")
+    for name, t in tensors:
+        if t is not None and t.data_ptr() % 16:
+            reasons.append(f"{name} is not 16-byte aligned")
+    return reasons
+
+
+def _cuda_reasons(x, w1, b1, w2, b2, *rest):
+    return _lt_reasons((("in_features", w1.shape[1]), ("hidden", w1.shape[0]),
+                        ("out_features", w2.shape[0])),
+                       (("x", x), ("w1", w1), ("b1", b1), ("w2", w2), ("b2", b2)))
+
+
+def _cuda_backward_reasons(grad_out, x, h, w1, w2, *rest):
+    return _lt_reasons((("in_features", x.shape[-1]), ("hidden", h.shape[-1]),
+                        ("out_features", w2.shape[0])),
+                       (("grad_out", grad_out), ("x", x), ("h", h), ("w1", w1), ("w2", w2)))
+
+
+def _triton_reasons(*args):
+    return _backend.triton_available()
+
+
+def _triton_forward(x, w1, b1, w2, b2, approximate):
+    from mmfast.kernels.projector import projector_forward
+    return projector_forward(x, w1, b1, w2, b2, approximate == "tanh")
+
+
+def _triton_backward(grad_out, x, h, w1, w2, approximate, output_mask):
+    from mmfast.kernels.projector import projector_backward
+    return projector_backward(grad_out, x, h, w1, w2, approximate == "tanh", output_mask)
+
+
+FORWARD_IMPLS = (
+    _backend.Implementation("cublaslt", "cuda", _cuda_reasons,
+                            lambda *a: torch.ops.mmfast._projector_cuda(*a)),
+    _backend.Implementation("triton", "triton", _triton_reasons, _triton_forward),
+)
+BACKWARD_IMPLS = (
+    _backend.Implementation("cublaslt", "cuda", _cuda_backward_reasons,
+                            lambda *a: torch.ops.mmfast._projector_backward_cuda(*a)),
+    _backend.Implementation("triton", "triton", _triton_reasons, _triton_backward),
+)
+
+
+@torch.library.register_kernel("mmfast::projector", "cuda")
+def _projector_cuda(x, w1, b1, w2, b2, approximate="none", keep_h=True):
+    check_weights(OP, x, w1, b1, w2, b2, approximate)
+    out, h = _backend.dispatch(OP, FORWARD_IMPLS, x, w1, b1, w2, b2, approximate)
+    # the CUDA implementations always write h (their epilogues need it as a separate buffer)
+    return out, h if keep_h else h.new_empty(0)
+
+
+@torch.library.register_kernel("mmfast::projector_backward", "cuda")
+def _projector_backward_cuda(grad_out, x, h, w1, w2, approximate, output_mask):
+    check_backward("projector_backward", grad_out, x, h, w1, w2, approximate, output_mask[0])
+    return _backend.dispatch("projector_backward", BACKWARD_IMPLS, grad_out, x, h, w1, w2,
+                             approximate, list(output_mask))

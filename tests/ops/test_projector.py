@@ -1,0 +1,242 @@
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import mmfast
+from mmfast import ops, reference
+from tests.helpers import DTYPES, sample_inputs
+from tests.ops._projector_common import check_like_torch, compare_fwd_bwd
+from tests.samples.projector import make_weights
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_matches_reference_on_samples(dtype):
+    for sample in sample_inputs("projector", dtype=dtype, requires_grad=True):
+        compare_fwd_bwd(ops.projector, reference.projector, sample.args, dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,approximate,bias", [(1, "none", True), (577, "tanh", False),
+                                                 (300, "none", True)])
+def test_odd_llava_sizes(dtype, n, approximate, bias):
+    """Cin 1000 and hidden 4097 (neither a multiple of anything useful), N from 1 to 577."""
+    cin, hidden, hout = 1000, 4097, 72
+    x = torch.randn(n, cin, dtype=dtype)
+    w1, b1, w2, b2 = make_weights(cin, hidden, hout, device="cpu", dtype=dtype, bias=bias,
+                                  requires_grad=True)
+    compare_fwd_bwd(ops.projector, reference.projector,
+                    (x.requires_grad_(), w1, b1, w2, b2, approximate), dtype)
+
+
+# Every combination of frozen / trained inputs (x, w1, b1, w2, b2).
+@pytest.mark.parametrize("trained", [m for m in itertools.product((False, True), repeat=5) if any(m)])
+def test_frozen_inputs_get_no_gradient(trained):
+    x = torch.randn(2, 9, 24)
+    w1, b1, w2, b2 = make_weights(24, 50, 20, device="cpu", dtype=torch.float32)
+    args = [t.requires_grad_(r) for t, r in zip((x, w1, b1, w2, b2), trained)]
+    compare_fwd_bwd(ops.projector, reference.projector, (*args, "tanh"), torch.float32)
+    calls = []
+    original = torch.ops.mmfast.projector_backward
+
+    def spy(*a):
+        calls.append(list(a[-1]))
+        return original(*a)
+
+    leaves = [t.detach().requires_grad_(r) for t, r in zip(args, trained)]
+    out = ops.projector(*leaves)
+    torch.ops.mmfast.projector_backward = spy
+    try:
+        out.sum().backward()
+    finally:
+        torch.ops.mmfast.projector_backward = original
+    assert calls == [list(trained)], "the backward must be asked for exactly the needed gradients"
+    for t, r in zip(leaves, trained):
+        assert (t.grad is not None) == r
+
+
+def _saved_tensors(fn):
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+def test_backward_keeps_only_input_and_pre_activation():
+    """Alignment stage (x frozen, weights trained): the only activations kept are x and h
+    [N, hidden] (eager also keeps gelu(h)); w1 is not kept since x needs no gradient."""
+    x = torch.randn(13, 24)
+    w1, b1, w2, b2 = make_weights(24, 50, 20, device="cpu", dtype=torch.float32, requires_grad=True)
+    out, saved = _saved_tensors(lambda: ops.projector(x, w1, b1, w2, b2))
+    saved_ids = {id(t) for t in saved}
+    assert id(x) in saved_ids and id(w2) in saved_ids and id(w1) not in saved_ids
+    activations = [t for t in saved if t is not x and t is not w2]
+    assert [tuple(t.shape) for t in activations] == [(13, 50)]
+    torch.testing.assert_close(activations[0], F.linear(x, w1, b1))
+    _, eager_saved = _saved_tensors(lambda: reference.projector(x, w1, b1, w2, b2))
+    eager_bytes = sum(t.numel() * t.element_size() for t in eager_saved if t.dim() and t.shape[0] == 13)
+    ours_bytes = sum(t.numel() * t.element_size() for t in saved if t.dim() and t.shape[0] == 13)
+    assert ours_bytes < eager_bytes
+    out.sum().backward()
+    assert x.grad is None and all(p.grad is not None for p in (w1, b1, w2, b2))
+
+
+def test_inference_drops_the_pre_activation():
+    """Without a backward to come the GELU runs in place: h comes back empty, out is the same."""
+    sample = sample_inputs("projector", dtype=torch.float32)[0]
+    out_keep, h = torch.ops.mmfast.projector(*sample.args, True)
+    out_drop, empty = torch.ops.mmfast.projector(*sample.args, False)
+    assert h.shape[-1] == sample.args[1].shape[0] and empty.numel() == 0
+    torch.testing.assert_close(out_drop, out_keep, atol=0, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(ops.projector(*sample.args), out_keep, atol=0, rtol=0)
+    x = sample.args[0].detach().requires_grad_()
+    with pytest.raises(RuntimeError, match="keep_h"):
+        torch.ops.mmfast.projector(x, *sample.args[1:], False)
+
+
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_opcheck(requires_grad):
+    for dtype in (torch.float32, torch.bfloat16):
+        for sample in sample_inputs("projector", dtype=dtype, requires_grad=requires_grad):
+            torch.library.opcheck(torch.ops.mmfast.projector.default, sample.args)
+            if not requires_grad:
+                torch.library.opcheck(torch.ops.mmfast.projector.default, (*sample.args, False))
+
+
+def test_opcheck_backward():
+    for sample in sample_inputs("projector", dtype=torch.float32):
+        x, w1, b1, w2, b2, approximate = sample.args
+        out, h = torch.ops.mmfast.projector(*sample.args)
+        for mask in ([True] * 5, [False, True, False, True, False], [True, False, False, False, False]):
+            torch.library.opcheck(torch.ops.mmfast.projector_backward.default,
+                                  (torch.randn_like(out), x, h, w1, w2, approximate, mask))
+
+
+def test_torch_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    fn = torch.compile(lambda *a: ops.projector(*a).square().sum(), fullgraph=True)
+    for approximate in ("none", "tanh"):
+        x = torch.randn(3, 7, 24, requires_grad=True)
+        w1, b1, w2, b2 = make_weights(24, 50, 20, device="cpu", dtype=torch.float32,
+                                      requires_grad=True)
+        compare_fwd_bwd(lambda *a: fn(*a), lambda *a: reference.projector(*a).square().sum(),
+                        (x, w1, b1, w2, b2, approximate), torch.float32)
+
+
+def _bad(x, w1, b1, w2, b2, approximate="none"):
+    return ops.projector(x, w1, b1, w2, b2, approximate)
+
+
+BAD = [
+    ("w1", lambda x, w1, b1, w2, b2: (x, w1[:, :-1], b1, w2, b2)),
+    ("w1", lambda x, w1, b1, w2, b2: (x, w1[0], b1, w2, b2)),
+    ("w2", lambda x, w1, b1, w2, b2: (x, w1, b1, w2[:, :-1], b2)),
+    ("b1", lambda x, w1, b1, w2, b2: (x, w1, b1[:-1], w2, b2)),
+    ("b2", lambda x, w1, b1, w2, b2: (x, w1, b1, w2, b2[:-1])),
+    ("b2", lambda x, w1, b1, w2, b2: (x, w1, b1, w2, b2[None])),
+    ("w2", lambda x, w1, b1, w2, b2: (x, w1, b1, w2.double(), b2)),
+    ("b1", lambda x, w1, b1, w2, b2: (x, w1, b1.half(), w2, b2)),
+    ("x", lambda x, w1, b1, w2, b2: (x.int(), w1, b1, w2, b2)),
+    ("x", lambda x, w1, b1, w2, b2: (x[0, 0], w1, b1, w2, b2)),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+@pytest.mark.parametrize("name,mutate", BAD)
+def test_bad_input_names_the_argument(device, name, mutate):
+    x = torch.randn(4, 6, device=device)
+    w1, b1, w2, b2 = make_weights(6, 10, 5, device="cpu", dtype=torch.float32)
+    args = mutate(x, *(t.to(device) for t in (w1, b1, w2, b2)))
+    with pytest.raises((ValueError, RuntimeError), match=rf"projector: {name}\b"):
+        _bad(*args)
+
+
+def test_bad_approximate():
+    x = torch.randn(4, 6)
+    w1, b1, w2, b2 = make_weights(6, 10, 5, device="cpu", dtype=torch.float32)
+    with pytest.raises(ValueError, match="approximate"):
+        _bad(x, w1, b1, w2, b2, "erf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_triton_kernels_in_interpreter(dtype, approximate, bias):
+    """The Triton GEMM with its epilogues (forward, recompute-backward), on CPU tensors."""
+    from mmfast.kernels import projector as kernels
+
+    tanh = approximate == "tanh"
+    x = torch.randn(2, 19, 40, dtype=dtype)
+    w1, b1, w2, b2 = make_weights(40, 45, 33, device="cpu", dtype=dtype, bias=bias)
+    out, h = kernels.projector_forward(x, w1, b1, w2, b2, tanh)
+    args64 = [t.double() if t is not None else None for t in (x, w1, b1, w2, b2)]
+    check_like_torch(out, reference.projector(x, w1, b1, w2, b2, approximate),
+                     reference.projector(*args64, approximate), dtype, "triton output")
+    torch.testing.assert_close(h, F.linear(x, w1, b1), atol=0.02 if dtype == torch.bfloat16 else 1e-5, rtol=0.02 if dtype == torch.bfloat16 else 1e-5)
+    g = torch.randn_like(out)
+    for mask in ([True] * 5, [False, False, False, True, True], [False, True, True, False, False]):
+        ours = kernels.projector_backward(g, x, h, w1, w2, tanh, mask)
+        cpu = torch.ops.mmfast.projector_backward(g, x, h, w1, w2, approximate, mask)
+        leaves = [t.detach().double().requires_grad_() for t in (x, w1)] + [
+            h.detach().double()[..., 0].new_zeros(45).requires_grad_(), w2.detach().double().requires_grad_(),
+            torch.zeros(33, dtype=torch.float64, requires_grad=True)]
+        # float64 gradients with the same stored h: h = x w1^T + b1 is rebuilt as
+        # x w1^T + (h - x w1^T) so that d/db1 flows through b1's zero.
+        x64, w164, db1, w264, db2 = leaves
+        h64 = h.double() + (F.linear(x64, w164) - F.linear(x64, w164).detach()) + db1
+        out64 = F.linear(F.gelu(h64, approximate=approximate), w264) + db2
+        out64.backward(g.double())
+        for i, (a, b, leaf) in enumerate(zip(ours, cpu, leaves)):
+            if not mask[i]:
+                assert a.numel() == 0
+                continue
+            check_like_torch(a, b, leaf.grad, dtype, f"triton grad {i} mask {mask}")
+
+
+AOT_SCRIPT = """
+from mmfast.kernels import aot
+from mmfast.kernels import projector as kernels
+spec = kernels._gemm_spec(("bf16",), 1, True, False, True, False, False)
+for cc in (80, 90):
+    dtype, constexprs, warps, stages = next(spec.configs(cc))
+    r = aot.compile_for(spec, cc, dtype, constexprs, warps, stages)
+    print(cc, r.shared, aot.SHARED_LIMIT[cc], r.has_mma, r.has_wgmma)
+"""
+
+
+@pytest.mark.aot
+def test_triton_gemm_compiles_to_tensor_cores():
+    """sm_90: wgmma; sm_80: mma.sync; shared memory within the architecture's limit. In a
+    subprocess: this process runs Triton in interpreter mode, which cannot compile."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = {int(line.split()[0]): line.split()[1:] for line in run.stdout.splitlines()}
+    for cc, (shared, limit, mma, wgmma) in lines.items():
+        assert int(shared) <= int(limit)
+        assert (wgmma if cc == 90 else mma) == "True", f"sm_{cc}: no tensor-core instructions"
+    assert sorted(lines) == [80, 90]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_cuda_backends(backend, dtype, approximate):
+    x = torch.randn(3, 97, 64, device="cuda", dtype=dtype, requires_grad=True)
+    w1, b1, w2, b2 = make_weights(64, 256, 128, device="cuda", dtype=dtype, requires_grad=True)
+    with mmfast.backend(backend):
+        compare_fwd_bwd(ops.projector, reference.projector, (x, w1, b1, w2, b2, approximate), dtype)
+    assert mmfast.last_choice("projector") == ("cublaslt" if backend == "cuda" else "triton")
