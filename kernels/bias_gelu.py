@@ -51,18 +51,20 @@ def _dgelu(v, TANH: tl.constexpr):
 @triton.jit
 def bias_gelu_forward_kernel(
     x_ptr,  # [rows, cols] contiguous
-    b_ptr,  # [cols]
+    b_ptr,  # [cols]; not read without HAS_BIAS
     y_ptr,  # [rows, cols]
     rows, cols,
-    TANH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
+    TANH: tl.constexpr, HAS_BIAS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """y = gelu(x + b), or gelu(x) without HAS_BIAS (the projector's recomputed activation)."""
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (r[:, None] < rows) & (c[None, :] < cols)
     offs = r[:, None].to(tl.int64) * cols + c[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    b = tl.load(b_ptr + c, mask=c < cols, other=0.0).to(tl.float32)
-    y = _gelu(x + b[None, :], TANH)
+    if HAS_BIAS:
+        x += tl.load(b_ptr + c, mask=c < cols, other=0.0).to(tl.float32)[None, :]
+    y = _gelu(x, TANH)
     tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -99,8 +101,16 @@ def bias_gelu_forward(x: torch.Tensor, bias: torch.Tensor, tanh: bool) -> torch.
     rows, cols = (x2.shape[0], x2.shape[1]) if x2.dim() == 2 else (0, 0)
     if rows and cols:
         bias_gelu_forward_kernel[_grid(rows, cols)](
-            x2, bias.contiguous(), y, rows, cols, TANH=tanh, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
+            x2, bias.contiguous(), y, rows, cols, TANH=tanh, HAS_BIAS=True, BLOCK_R=BLOCK_R,
+            BLOCK_C=BLOCK_C)
     return y.view(x.shape)
+
+
+def gelu_rows(h: torch.Tensor, out: torch.Tensor, tanh: bool) -> None:
+    """out = gelu(h) for contiguous [rows, cols] tensors (no bias)."""
+    rows, cols = h.shape
+    bias_gelu_forward_kernel[_grid(rows, cols)](
+        h, h, out, rows, cols, TANH=tanh, HAS_BIAS=False, BLOCK_R=BLOCK_R, BLOCK_C=BLOCK_C)
 
 
 def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, tanh: bool):
@@ -121,7 +131,8 @@ def bias_gelu_backward(grad: torch.Tensor, x: torch.Tensor, bias: torch.Tensor, 
 register_aot(
     AotSpec(bias_gelu_forward_kernel,
             {"x_ptr": "*{dt}", "b_ptr": "*{dt}", "y_ptr": "*{dt}", "rows": "i32", "cols": "i32"},
-            {"TANH": (False, True), "BLOCK_R": BLOCK_R, "BLOCK_C": BLOCK_C},
+            {"TANH": (False, True), "HAS_BIAS": (True, False), "BLOCK_R": BLOCK_R,
+             "BLOCK_C": BLOCK_C},
             num_warps=4, uses_dot=False),
     AotSpec(bias_gelu_backward_kernel,
             {"g_ptr": "*{dt}", "x_ptr": "*{dt}", "b_ptr": "*{dt}", "dx_ptr": "*{dt}",

@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from mmfast.kernels.aot import AotSpec, register_aot
-from mmfast.kernels.bias_gelu import _gelu, _tanh
+from mmfast.kernels.bias_gelu import _gelu, _tanh, gelu_rows
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -41,7 +41,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 GPU_CONFIG = {2: (128, 64, 64, 8, 3), 4: (128, 64, 32, 8, 3)}
 INTERPRET_CONFIG = (32, 32, 32, 4, 1)
 GROUP_M = 8
-GELU_BLOCK_R, GELU_BLOCK_C = 16, 256
 
 
 @triton.jit
@@ -130,22 +129,6 @@ def projector_gemm_kernel(
     tl.store(c_ptr + row[:, None] * stride_cm + rn[None, :], acc.to(out_ty), mask=mask)
 
 
-@triton.jit
-def gelu_rows_kernel(
-    h_ptr,    # [rows, cols] contiguous
-    act_ptr,  # [rows, cols]
-    rows, cols,
-    TANH: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr,
-):
-    """act = gelu(h): the recomputed activation when only w2/b2 need gradients."""
-    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (r[:, None] < rows) & (c[None, :] < cols)
-    offs = r[:, None].to(tl.int64) * cols + c[None, :]
-    h = tl.load(h_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(act_ptr + offs, _gelu(h, TANH).to(act_ptr.dtype.element_ty), mask=mask)
-
-
 def _config(dtype):
     return INTERPRET_CONFIG if INTERPRET else GPU_CONFIG[torch.tensor([], dtype=dtype).element_size()]
 
@@ -206,8 +189,7 @@ def _backward_rows(g, x2, h2, w1, w2, tanh, mask):
                                   dtype=torch.float32)
         _gemm(g, w2, grad_h, epilogue=2, aux=h2, act=act, partial=partial, tanh=tanh)
     elif act is not None and act.numel():
-        gelu_rows_kernel[(triton.cdiv(M, GELU_BLOCK_R), triton.cdiv(H, GELU_BLOCK_C))](
-            h2, act, M, H, TANH=tanh, BLOCK_R=GELU_BLOCK_R, BLOCK_C=GELU_BLOCK_C)
+        gelu_rows(h2, act, tanh)
     empty = h2.new_empty(0)
     grads = [empty] * 5
     if mask[3]:
@@ -287,8 +269,4 @@ register_aot(
     _gemm_spec(("bf16",), 0, True, True, False, False, False),
     _gemm_spec(("bf16",), 0, False, False, False, False, False),
     _gemm_spec(("bf16",), 2, False, False, True, True, (False, True)),
-    AotSpec(gelu_rows_kernel,
-            {"h_ptr": "*{dt}", "act_ptr": "*{dt}", "rows": "i32", "cols": "i32"},
-            {"TANH": (False, True), "BLOCK_R": GELU_BLOCK_R, "BLOCK_C": GELU_BLOCK_C},
-            num_warps=4, uses_dot=False),
 )

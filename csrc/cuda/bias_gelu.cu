@@ -17,6 +17,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "cuda/dispatch.cuh"
 #include "common/bias_gelu.h"
 
 namespace mmfast::cuda {
@@ -106,16 +107,6 @@ void check_vectorizable(const at::Tensor& t, const char* name, int64_t vec) {
               " must be a multiple of ", vec, " for 16-byte vector access, got ", t.size(-1));
 }
 
-template <typename Fn>
-void dispatch_float_types(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "_bias_gelu_cuda: unsupported dtype ", dtype);
-  }
-}
-
 int64_t vec_width(at::ScalarType dtype) { return 16 / c10::elementSize(dtype); }
 
 dim3 grid_for(int64_t rows, int64_t cols, int64_t vec) {
@@ -135,7 +126,7 @@ at::Tensor bias_gelu_cuda(const at::Tensor& x, const at::Tensor& bias, c10::stri
   const int64_t rows = cols == 0 ? 0 : xc.numel() / cols;
   if (rows == 0) return out;
   const auto stream = at::cuda::getCurrentCUDAStream();
-  dispatch_float_types(x.scalar_type(), [&](auto tag) {
+  dispatch_float_types(x.scalar_type(), "_bias_gelu_cuda", [&](auto tag) {
     using T = decltype(tag);
     bias_gelu_forward_kernel<T><<<grid_for(rows, cols, vec), kThreads, 0, stream>>>(
         static_cast<const T*>(xc.const_data_ptr()), static_cast<const T*>(bc.const_data_ptr()),
@@ -163,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cuda(const at::Tensor& gra
   auto partial = at::zeros({std::max<int64_t>(row_blocks, 1), cols}, x.options().dtype(at::kFloat));
   if (rows > 0) {
     const auto stream = at::cuda::getCurrentCUDAStream();
-    dispatch_float_types(x.scalar_type(), [&](auto tag) {
+    dispatch_float_types(x.scalar_type(), "_bias_gelu_cuda", [&](auto tag) {
       using T = decltype(tag);
       bias_gelu_backward_kernel<T><<<grid_for(rows, cols, vec), kThreads, 0, stream>>>(
           static_cast<const T*>(gc.const_data_ptr()), static_cast<const T*>(xc.const_data_ptr()),

@@ -18,6 +18,7 @@
 
 #include <optional>
 
+#include "cuda/dispatch.cuh"
 #include "common/bipartite_merge.h"
 
 namespace mmfast::cuda {
@@ -95,16 +96,6 @@ __global__ void merge_backward_kernel(const T* __restrict__ grad,        // [B, 
   }
 }
 
-template <typename Fn>
-void by_dtype(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK_VALUE(false, "_bipartite_merge_cuda: unsupported dtype ", dtype);
-  }
-}
-
 // 16-byte vectors when every row starts on a 16-byte boundary, else one element at a time.
 bool vectorizable(const at::Tensor& t, int64_t c) {
   const int64_t vec = 16 / t.element_size();
@@ -117,7 +108,7 @@ int threads_for(int64_t vectors) {
 
 template <typename Launch>
 void launch_vec_or_scalar(const at::Tensor& a, const at::Tensor& b, int64_t c, Launch&& launch) {
-  by_dtype(a.scalar_type(), [&](auto tag) {
+  dispatch_float_types(a.scalar_type(), "_bipartite_merge_cuda", [&](auto tag) {
     using T = decltype(tag);
     constexpr int V = 16 / sizeof(T);
     if (vectorizable(a, c) && vectorizable(b, c)) {

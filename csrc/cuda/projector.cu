@@ -31,6 +31,7 @@
 
 #include <array>
 
+#include "cuda/dispatch.cuh"
 #include "common/projector.h"
 
 namespace mmfast::cuda {
@@ -88,16 +89,6 @@ __global__ void gelu_pass_kernel(const T* __restrict__ h, T* __restrict__ grad, 
   if (partial != nullptr) partial[blockIdx.y * cols + c] = sum;
 }
 
-template <typename Fn>
-void dispatch_float_types(at::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case at::kFloat: fn(float{}); break;
-    case at::kHalf: fn(c10::Half{}); break;
-    case at::kBFloat16: fn(c10::BFloat16{}); break;
-    default: TORCH_CHECK(false, "_projector_cuda: unsupported dtype ", dtype);
-  }
-}
-
 // h, grad, act: [rows, cols] contiguous; returns b1's gradient when want_bias_grad.
 Tensor gelu_pass(const Tensor& h, const Tensor& grad, const Tensor& act, bool tanh_form,
                  bool want_bias_grad) {
@@ -111,7 +102,7 @@ Tensor gelu_pass(const Tensor& h, const Tensor& grad, const Tensor& act, bool ta
     const dim3 grid(static_cast<unsigned>((cols + kThreads - 1) / kThreads),
                     static_cast<unsigned>(row_blocks));
     const auto stream = at::cuda::getCurrentCUDAStream();
-    dispatch_float_types(h.scalar_type(), [&](auto tag) {
+    dispatch_float_types(h.scalar_type(), "_projector_cuda", [&](auto tag) {
       using T = decltype(tag);
       gelu_pass_kernel<T><<<grid, kThreads, 0, stream>>>(
           static_cast<const T*>(h.const_data_ptr()),
