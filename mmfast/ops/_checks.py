@@ -23,3 +23,13 @@ def check_same(op: str, name: str, t: torch.Tensor, ref_name: str, ref: torch.Te
         raise ValueError(f"{op}: {name} dtype {t.dtype} differs from {ref_name} dtype {ref.dtype}")
     if t.device != ref.device:
         raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_per_token(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """t holds one float value per token of x [B, N, C]: shape [B, N], x's device."""
+    if t.shape != x.shape[:2]:
+        raise ValueError(f"{op}: {name} must have shape [B, N] = {list(x.shape[:2])}, "
+                         f"got {list(t.shape)}")
+    check_float(op, name, t)
+    if t.device != x.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but x is on {x.device}")

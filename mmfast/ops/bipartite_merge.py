@@ -3,7 +3,7 @@
 import torch
 
 from mmfast import _backend
-from mmfast.ops._checks import check_float, check_same
+from mmfast.ops._checks import check_float, check_per_token, check_same
 
 
 def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, r: int, *, size=None,
@@ -51,12 +51,7 @@ def _check(x, metric, r, size, protect_first) -> None:
         raise ValueError(f"{op}: r must be in [0, {max_r}] for N = {x.shape[1]}"
                          f"{' with protect_first' if protect_first else ''}, got r = {r}")
     if size is not None:
-        if size.shape != x.shape[:2]:
-            raise ValueError(f"{op}: size must have shape [B, N] = {list(x.shape[:2])}, "
-                             f"got {list(size.shape)}")
-        check_float(op, "size", size)
-        if size.device != x.device:
-            raise ValueError(f"{op}: size is on {size.device} but x is on {x.device}")
+        check_per_token(op, "size", size, x)
 
 
 @torch.library.register_fake("mmfast::bipartite_merge")

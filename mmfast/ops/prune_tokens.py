@@ -3,7 +3,7 @@
 import torch
 
 from mmfast import _backend
-from mmfast.ops._checks import check_float
+from mmfast.ops._checks import check_per_token
 
 
 def prune_tokens(x: torch.Tensor, scores: torch.Tensor, keep: int):
@@ -23,12 +23,7 @@ def _check(x, scores, keep) -> None:
     op = "prune_tokens"
     if x.dim() != 3:
         raise ValueError(f"{op}: x must have shape [B, N, C], got {list(x.shape)}")
-    if scores.shape != x.shape[:2]:
-        raise ValueError(f"{op}: scores must have shape [B, N] = {list(x.shape[:2])}, "
-                         f"got {list(scores.shape)}")
-    check_float(op, "scores", scores)
-    if scores.device != x.device:
-        raise ValueError(f"{op}: scores is on {scores.device} but x is on {x.device}")
+    check_per_token(op, "scores", scores, x)
     if not 0 <= keep <= x.shape[1]:
         raise ValueError(f"{op}: keep must be in [0, N = {x.shape[1]}], got {keep}")
 
