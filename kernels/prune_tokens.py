@@ -16,37 +16,26 @@ BLOCK_C = 256
 
 
 @triton.jit
-def prune_gather_kernel(
-    x_ptr,     # [B, N, C] contiguous
+def prune_rows_kernel(
+    src_ptr,   # [B, N, C] x (gather) or [B, KEEP, C] grad_kept (scatter), contiguous
     idx_ptr,   # [B, KEEP] int64
-    out_ptr,   # [B, KEEP, C]
+    dst_ptr,   # [B, KEEP, C] kept (gather) or [B, N, C] zero-filled grad_x (scatter)
     N, KEEP, C,
-    BLOCK_C: tl.constexpr,
+    SCATTER: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
+    """Copies row k of the kept side to/from row index[b, k] of the full side."""
     k = tl.program_id(0)
     bat = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = cols < C
-    t = tl.load(idx_ptr + bat * KEEP + k)
-    row = tl.load(x_ptr + (bat * N + t) * C + cols, mask=mask)
-    tl.store(out_ptr + (bat * KEEP + k) * C + cols, row, mask=mask)
-
-
-@triton.jit
-def prune_scatter_kernel(
-    g_ptr,     # [B, KEEP, C] gradient of kept
-    idx_ptr,   # [B, KEEP] int64
-    dx_ptr,    # [B, N, C] zero-filled
-    N, KEEP, C,
-    BLOCK_C: tl.constexpr,
-):
-    k = tl.program_id(0)
-    bat = tl.program_id(1).to(tl.int64)
-    cols = tl.program_id(2) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = cols < C
-    t = tl.load(idx_ptr + bat * KEEP + k)
-    row = tl.load(g_ptr + (bat * KEEP + k) * C + cols, mask=mask)
-    tl.store(dx_ptr + (bat * N + t) * C + cols, row, mask=mask)
+    full_row = bat * N + tl.load(idx_ptr + bat * KEEP + k)
+    kept_row = bat * KEEP + k
+    if SCATTER:
+        src_row, dst_row = kept_row, full_row
+    else:
+        src_row, dst_row = full_row, kept_row
+    row = tl.load(src_ptr + src_row * C + cols, mask=mask)
+    tl.store(dst_ptr + dst_row * C + cols, row, mask=mask)
 
 
 def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -55,8 +44,8 @@ def gather(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     keep = index.shape[1]
     out = torch.empty(bsz, keep, c, device=x.device, dtype=x.dtype)
     if out.numel():
-        prune_gather_kernel[(keep, bsz, triton.cdiv(c, BLOCK_C))](
-            x, index.contiguous(), out, n, keep, c, BLOCK_C=BLOCK_C)
+        prune_rows_kernel[(keep, bsz, triton.cdiv(c, BLOCK_C))](
+            x, index.contiguous(), out, n, keep, c, SCATTER=False, BLOCK_C=BLOCK_C)
     return out
 
 
@@ -65,15 +54,14 @@ def scatter(grad: torch.Tensor, index: torch.Tensor, n: int) -> torch.Tensor:
     bsz, keep, c = grad.shape
     dx = torch.zeros(bsz, n, c, device=grad.device, dtype=grad.dtype)
     if grad.numel():
-        prune_scatter_kernel[(keep, bsz, triton.cdiv(c, BLOCK_C))](
-            grad, index.contiguous(), dx, n, keep, c, BLOCK_C=BLOCK_C)
+        prune_rows_kernel[(keep, bsz, triton.cdiv(c, BLOCK_C))](
+            grad, index.contiguous(), dx, n, keep, c, SCATTER=True, BLOCK_C=BLOCK_C)
     return dx
 
 
-_SIG = {"N": "i32", "KEEP": "i32", "C": "i32"}
 register_aot(
-    AotSpec(prune_gather_kernel, {"x_ptr": "*{dt}", "idx_ptr": "*i64", "out_ptr": "*{dt}", **_SIG},
-            {"BLOCK_C": BLOCK_C}, num_warps=4),
-    AotSpec(prune_scatter_kernel, {"g_ptr": "*{dt}", "idx_ptr": "*i64", "dx_ptr": "*{dt}", **_SIG},
-            {"BLOCK_C": BLOCK_C}, num_warps=4),
+    AotSpec(prune_rows_kernel,
+            {"src_ptr": "*{dt}", "idx_ptr": "*i64", "dst_ptr": "*{dt}", "N": "i32", "KEEP": "i32",
+             "C": "i32"},
+            {"SCATTER": (False, True), "BLOCK_C": BLOCK_C}, num_warps=4),
 )
