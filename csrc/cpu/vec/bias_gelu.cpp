@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "cpu/vec/dispatch.h"
 #include "cpu/vec/gelu.h"
 
 #include <algorithm>
@@ -167,58 +168,27 @@ void recompute_backward_rows(const T* h, T* grad, T* act, float* bias_partial, i
 
 void bias_gelu_rows(c10::ScalarType dtype, const void* x, const void* bias, void* out,
                     int64_t row_begin, int64_t row_end, int64_t cols, bool tanh_form) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      return forward_rows(static_cast<const float*>(x), static_cast<const float*>(bias),
-                          static_cast<float*>(out), row_begin, row_end, cols, tanh_form);
-    case c10::ScalarType::Half:
-      return forward_rows(static_cast<const c10::Half*>(x), static_cast<const c10::Half*>(bias),
-                          static_cast<c10::Half*>(out), row_begin, row_end, cols, tanh_form);
-    case c10::ScalarType::BFloat16:
-      return forward_rows(static_cast<const c10::BFloat16*>(x),
-                          static_cast<const c10::BFloat16*>(bias),
-                          static_cast<c10::BFloat16*>(out), row_begin, row_end, cols, tanh_form);
-    default:
-      return;  // dtype is checked by the caller
-  }
+  dispatch_float_types(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    forward_rows(static_cast<const T*>(x), static_cast<const T*>(bias), static_cast<T*>(out),
+                 row_begin, row_end, cols, tanh_form);
+  });
 }
 
 void bias_gelu_backward_rows(c10::ScalarType dtype, const void* grad, const void* x,
                              const void* bias, void* grad_x, float* bias_partial,
                              int64_t row_begin, int64_t row_end, int64_t cols, bool tanh_form) {
-  switch (dtype) {
-    case c10::ScalarType::Float:
-      return backward_rows(static_cast<const float*>(grad), static_cast<const float*>(x),
-                           static_cast<const float*>(bias), static_cast<float*>(grad_x),
-                           bias_partial, row_begin, row_end, cols, tanh_form);
-    case c10::ScalarType::Half:
-      return backward_rows(static_cast<const c10::Half*>(grad), static_cast<const c10::Half*>(x),
-                           static_cast<const c10::Half*>(bias), static_cast<c10::Half*>(grad_x),
-                           bias_partial, row_begin, row_end, cols, tanh_form);
-    case c10::ScalarType::BFloat16:
-      return backward_rows(static_cast<const c10::BFloat16*>(grad),
-                           static_cast<const c10::BFloat16*>(x),
-                           static_cast<const c10::BFloat16*>(bias),
-                           static_cast<c10::BFloat16*>(grad_x), bias_partial, row_begin, row_end,
-                           cols, tanh_form);
-    default:
-      return;
-  }
-}
-
-template <typename Fn>
-inline void dispatch_float(c10::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case c10::ScalarType::Float: return fn(float{});
-    case c10::ScalarType::Half: return fn(c10::Half{});
-    case c10::ScalarType::BFloat16: return fn(c10::BFloat16{});
-    default: return;  // dtype is checked by the caller
-  }
+  dispatch_float_types(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    backward_rows(static_cast<const T*>(grad), static_cast<const T*>(x),
+                  static_cast<const T*>(bias), static_cast<T*>(grad_x), bias_partial, row_begin,
+                  row_end, cols, tanh_form);
+  });
 }
 
 void bias_gelu_keep_rows(c10::ScalarType dtype, void* h, const void* bias, void* act,
                          int64_t row_begin, int64_t row_end, int64_t cols, bool tanh_form) {
-  dispatch_float(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     keep_rows(static_cast<T*>(h), static_cast<const T*>(bias), static_cast<T*>(act), row_begin,
               row_end, cols, tanh_form);
@@ -228,7 +198,7 @@ void bias_gelu_keep_rows(c10::ScalarType dtype, void* h, const void* bias, void*
 void gelu_recompute_backward_rows(c10::ScalarType dtype, const void* h, void* grad, void* act,
                                   float* bias_partial, int64_t row_begin, int64_t row_end,
                                   int64_t cols, bool tanh_form) {
-  dispatch_float(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     recompute_backward_rows(static_cast<const T*>(h), static_cast<T*>(grad), static_cast<T*>(act),
                             bias_partial, row_begin, row_end, cols, tanh_form);

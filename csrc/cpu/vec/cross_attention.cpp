@@ -7,6 +7,7 @@
 // blocks, so no two tasks write the same output. Tile GEMMs go through ATen's cpublas::brgemm
 // (float32 accumulation whatever the input type).
 #include "cpu/vec/cross_attention.h"
+#include "cpu/vec/dispatch.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -453,39 +454,19 @@ void widen_impl(const XattnWidenArgs& a, std::atomic<int64_t>* next) {
 }  // namespace
 
 void xattn_widen_tasks(const XattnWidenArgs& a, std::atomic<int64_t>* next_task) {
-  switch (a.dtype) {
-    case c10::ScalarType::Float: return widen_impl<float>(a, next_task);
-    case c10::ScalarType::Half: return widen_impl<c10::Half>(a, next_task);
-    case c10::ScalarType::BFloat16: return widen_impl<c10::BFloat16>(a, next_task);
-    default: return;  // checked by the caller
-  }
+  dispatch_float_types(a.dtype, [&](auto tag) { widen_impl<decltype(tag)>(a, next_task); });
 }
 
 void xattn_forward_tasks(const XattnForwardArgs& a, std::atomic<int64_t>* next_task) {
-  switch (a.p.dtype) {
-    case c10::ScalarType::Float: return forward_impl<float>(a, next_task);
-    case c10::ScalarType::Half: return forward_impl<c10::Half>(a, next_task);
-    case c10::ScalarType::BFloat16: return forward_impl<c10::BFloat16>(a, next_task);
-    default: return;  // checked by the caller
-  }
+  dispatch_float_types(a.p.dtype, [&](auto tag) { forward_impl<decltype(tag)>(a, next_task); });
 }
 
 void xattn_backward_dq_tasks(const XattnBackwardArgs& a, std::atomic<int64_t>* next_task) {
-  switch (a.out_dtype) {
-    case c10::ScalarType::Float: return dq_impl<float>(a, next_task);
-    case c10::ScalarType::Half: return dq_impl<c10::Half>(a, next_task);
-    case c10::ScalarType::BFloat16: return dq_impl<c10::BFloat16>(a, next_task);
-    default: return;
-  }
+  dispatch_float_types(a.out_dtype, [&](auto tag) { dq_impl<decltype(tag)>(a, next_task); });
 }
 
 void xattn_backward_dkdv_tasks(const XattnBackwardArgs& a, std::atomic<int64_t>* next_task) {
-  switch (a.out_dtype) {
-    case c10::ScalarType::Float: return dkdv_impl<float>(a, next_task);
-    case c10::ScalarType::Half: return dkdv_impl<c10::Half>(a, next_task);
-    case c10::ScalarType::BFloat16: return dkdv_impl<c10::BFloat16>(a, next_task);
-    default: return;
-  }
+  dispatch_float_types(a.out_dtype, [&](auto tag) { dkdv_impl<decltype(tag)>(a, next_task); });
 }
 
 void xattn_mass_tasks(const XattnMassArgs& a, std::atomic<int64_t>* next_task) {

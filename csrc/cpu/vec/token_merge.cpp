@@ -1,6 +1,7 @@
 // bipartite_merge / prune_tokens inner loops: norms of metric rows, the size-weighted sum of a
 // group of token rows, and the row scaling of the merge backward. Compiled once per ISA.
 #include "cpu/vec/token_merge.h"
+#include "cpu/vec/dispatch.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -101,19 +102,10 @@ void scale(const T* src, float factor, T* dst, int64_t n) {
   }
 }
 
-template <typename Fn>
-inline auto by_dtype(c10::ScalarType dtype, Fn&& fn) {
-  switch (dtype) {
-    case c10::ScalarType::Half: return fn(c10::Half{});
-    case c10::ScalarType::BFloat16: return fn(c10::BFloat16{});
-    default: return fn(float{});  // dtype is checked by the caller
-  }
-}
-
 }  // namespace
 
 float row_sumsq(c10::ScalarType dtype, const void* row, int64_t n) {
-  return by_dtype(dtype, [&](auto tag) {
+  return dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     return sumsq(static_cast<const T*>(row), n);
   });
@@ -122,7 +114,7 @@ float row_sumsq(c10::ScalarType dtype, const void* row, int64_t n) {
 void weighted_row_sum(c10::ScalarType dtype, const void* x, int64_t row_stride,
                       const int64_t* rows, const float* weights, int64_t count, float scale_by,
                       float* acc, void* out, int64_t n) {
-  by_dtype(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     weighted_sum(static_cast<const T*>(x), row_stride, rows, weights, count, scale_by, acc,
                  static_cast<T*>(out), n);
@@ -130,14 +122,14 @@ void weighted_row_sum(c10::ScalarType dtype, const void* x, int64_t row_stride,
 }
 
 void scale_row(c10::ScalarType dtype, const void* src, float factor, void* dst, int64_t n) {
-  by_dtype(dtype, [&](auto tag) {
+  dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     scale(static_cast<const T*>(src), factor, static_cast<T*>(dst), n);
   });
 }
 
 float row_dot(c10::ScalarType dtype, const void* a, const void* b, int64_t n) {
-  return by_dtype(dtype, [&](auto tag) {
+  return dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     const T* pa = static_cast<const T*>(a);
     const T* pb = static_cast<const T*>(b);
@@ -155,7 +147,7 @@ float row_dot(c10::ScalarType dtype, const void* a, const void* b, int64_t n) {
 
 float row_sumsq_to_bf16(c10::ScalarType dtype, const void* src, int64_t n,
                         c10::BFloat16* dst, float* residual_sumsq) {
-  return by_dtype(dtype, [&](auto tag) {
+  return dispatch_float_types(dtype, [&](auto tag) {
     using T = decltype(tag);
     using BVec = at::vec::Vectorized<c10::BFloat16>;
     const T* p = static_cast<const T*>(src);
