@@ -2,8 +2,8 @@
 // soft matching + size-weighted merge).
 //
 // Forward, per sample: (1) inverse L2 norms of the metric rows (non-finite rows are an error);
-// (2) for tiles of kTileA A tokens, bfloat16 brgemm calls fill a strip of approximate scores
-// (a . b) / |b| against every B token, and the few B tokens near each row's maximum are
+// (2) for tiles of kTileA A tokens, int8 (or bfloat16) brgemm calls fill a strip of
+// approximate scores against every B token, and the few B tokens near each row's maximum are
 // re-scored exactly in float32 (see best_matches): the A x B matrix never exists; (3) the r
 // best A tokens by (score desc, index asc); (4) every output row is the size-weighted mean of
 // its group, summed in a fixed order (the row's own token, then its merged A tokens by index):
@@ -13,20 +13,24 @@
 // exact (float64) computation only by the float32 rounding of one dot product per pair.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cpu/Utils.h>
 #include <ATen/native/CPUBlas.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/max.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <numeric>
 #include <optional>
 #include <vector>
 
 #include "common/bipartite_merge.h"
+#include "cpu/isa.h"
 #include "cpu/vec/token_merge.h"
 
 namespace mmfast::cpu {
@@ -43,123 +47,183 @@ double element_as_double(at::ScalarType dtype, const char* row, int64_t c) {
   }
 }
 
-// Per metric row: inv_norm = 1 / |m| (0 for a zero row, whose similarity is then 0 to all)
-// and, when the GEMM needs a bfloat16 copy, that copy (m16, K padded to even) and
-// rho = |m - bfloat16(m)| / |m|, the relative size of its rounding (bounds the GEMM's error).
+// The approximate GEMM that scores every pair before the exact re-score of near-best pairs.
+// int8: products are exact integers and VNNI runs them at twice the bfloat16 rate, and four
+// times float32. Without VNNI, oneDNN's u8 x s8 kernels may saturate 16-bit partial sums, so
+// bfloat16 is used there (and in the AVX2/generic builds, which lets the tests run both).
+enum class FirstPass { kInt8, kBFloat16 };
+
+FirstPass first_pass() {
+  return active_isa() == Isa::AVX512 && at::cpu::is_avx512_vnni_supported()
+             ? FirstPass::kInt8
+             : FirstPass::kBFloat16;
+}
+
+// The bfloat16 GEMM reads a bfloat16 metric in place when its rows already pair up for VNNI.
+bool needs_copy(const at::Tensor& metric, FirstPass pass) {
+  return pass == FirstPass::kInt8 || metric.scalar_type() != at::kBFloat16 ||
+         metric.size(2) % 2 != 0 || metric.stride(2) != 1 || metric.stride(1) % 2 != 0 ||
+         reinterpret_cast<uintptr_t>(metric.const_data_ptr()) % 4 != 0;
+}
+
+// Per metric row: inv_norm = 1 / |m| (0 for a zero row, whose similarity is then 0 to all).
+// With `gemm`, also the approximate GEMM's operands: when the metric has to be rounded for it
+// (to int8, or to bfloat16), rho = |m - m~| / |m|, the relative size of the rounding (bounds
+// the GEMM's error); the rounding never changes the result, since best_matches re-scores the
+// near-best candidates exactly.
 struct PreparedMetric {
+  FirstPass pass;
   at::Tensor inv_norm;  // [B, N] float32
-  at::Tensor rho;       // [B, N] float32 (zeros without a copy)
-  at::Tensor m16;       // [B, N, K + K % 2] bfloat16, or undefined: the GEMM reads the metric
+  at::Tensor rho;       // [B, N] float32 (zeros without rounding)
+  // GEMM operands: A rows (even tokens) [B, Na, K'] (a view of the metric, or a rounded copy:
+  // bfloat16 with K' = K rounded up to even, or u8 = q + 128 with K' a multiple of 4), and B
+  // rows (odd tokens) in VNNI layout, 32-bit groups [B, K' / w, Nb, w] (w = 2 bfloat16 or 4
+  // s8 = q values); zero padded.
+  at::Tensor a, bt;
+  int64_t k = 0;
+  at::Tensor step;      // int8: [B, N] float32, each row's quantization step (m~ = q * step)
+  at::Tensor q_offset;  // int8: [B, N] int32, 128 * sum_c q[c]: the +128 of A's u8 operand
+                        // adds this to every product with B row
 };
 
-PreparedMetric prepare_metric(const at::Tensor& metric, bool copy_bf16) {
+PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gemm) {
   const int64_t bsz = metric.size(0), n = metric.size(1), cm = metric.size(2);
-  const int64_t kp = cm + cm % 2;
+  const int64_t na = (n + 1) / 2, nb = n / 2;
+  const bool copy = gemm && needs_copy(metric, pass);
+  const bool int8 = copy && pass == FirstPass::kInt8;
+  const int64_t kp = int8 ? (cm + 3) / 4 * 4 : cm + cm % 2;
+  const auto opts = metric.options();
+  const auto op_dtype = int8 ? at::kByte : at::kBFloat16;
+  const int64_t op_size = int8 ? 1 : 2;
+  const int64_t words = kp * op_size / 4;  // 32-bit words per GEMM row
   PreparedMetric out;
-  out.inv_norm = at::empty({bsz, n}, metric.options().dtype(at::kFloat));
-  out.rho = at::zeros({bsz, n}, metric.options().dtype(at::kFloat));
-  if (copy_bf16) out.m16 = at::empty({bsz, n, kp}, metric.options().dtype(at::kBFloat16));
+  out.pass = pass;
+  out.inv_norm = at::empty({bsz, n}, opts.dtype(at::kFloat));
+  out.rho = at::zeros({bsz, n}, opts.dtype(at::kFloat));
+  if (gemm) {
+    out.k = kp;
+    out.a = copy ? at::empty({bsz, na, kp}, opts.dtype(op_dtype)) : metric.slice(1, 0, n, 2);
+    out.bt = at::empty({bsz, words, nb, 4 / op_size}, opts.dtype(op_dtype));
+  }
+  if (int8) {
+    out.step = at::empty({bsz, n}, opts.dtype(at::kFloat));
+    out.q_offset = at::empty({bsz, n}, opts.dtype(at::kInt));
+  }
   float* inv = out.inv_norm.mutable_data_ptr<float>();
   float* rho = out.rho.mutable_data_ptr<float>();
-  auto* m16 = copy_bf16 ? out.m16.mutable_data_ptr<at::BFloat16>() : nullptr;
   const auto dtype = metric.scalar_type();
   const char* base = static_cast<const char*>(metric.const_data_ptr());
   const int64_t esize = metric.element_size();
-  const auto sumsq = MMFAST_PICK_ISA(row_sumsq_to_bf16);
-  at::parallel_for(0, bsz * n, 64, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / n, i = t % n;
-      const char* row = base + (b * metric.stride(0) + i * metric.stride(1)) * esize;
-      at::BFloat16* dst = m16 ? m16 + t * kp : nullptr;
-      float residual = 0.0f;
-      double ss = sumsq(dtype, row, cm, dst, &residual);
-      if (!std::isfinite(ss)) {
-        // Either a NaN/Inf value, or float32 overflow of the sum: tell them apart in double.
-        ss = 0.0;
-        for (int64_t c = 0; c < cm; ++c) {
-          const double v = element_as_double(dtype, row, c);
-          TORCH_CHECK_VALUE(std::isfinite(v), "bipartite_merge: metric has a non-finite value "
-                            "at [", b, ", ", i, ", ", c, "]; similarities would be NaN");
-          ss += v * v;
+  const auto sumsq = MMFAST_PICK_ISA(row_sumsq);
+  const auto to_bf16 = MMFAST_PICK_ISA(row_sumsq_to_bf16);
+  const auto to_int8 = MMFAST_PICK_ISA(row_sumsq_to_int8);
+  const auto transpose = MMFAST_PICK_ISA(transpose32);
+
+  // Row t of sample b (flat index bt = b * n + t): statistics, and its rounded copy to dst.
+  const auto prepare_row = [&](int64_t b, int64_t t, char* dst) {
+    const int64_t flat = b * n + t;
+    const char* row = base + (b * metric.stride(0) + t * metric.stride(1)) * esize;
+    float residual = 0.0f;
+    double ss;
+    if (int8) {
+      const uint8_t flip = t % 2 == 0 ? 0x80 : 0;  // A rows become u8 = q + 128
+      int32_t q_sum = 0;
+      ss = to_int8(dtype, row, cm, reinterpret_cast<uint8_t*>(dst), flip,
+                   out.step.mutable_data_ptr<float>() + flat, &residual, &q_sum);
+      std::fill(dst + cm, dst + kp, static_cast<char>(flip));
+      out.q_offset.mutable_data_ptr<int32_t>()[flat] = 128 * q_sum;
+    } else if (copy) {
+      auto* d16 = reinterpret_cast<at::BFloat16*>(dst);
+      ss = to_bf16(dtype, row, cm, d16, &residual);
+      if (kp > cm) d16[cm] = at::BFloat16(0.0f);
+    } else {
+      ss = sumsq(dtype, row, cm);
+    }
+    if (!std::isfinite(ss)) {
+      // Either a NaN/Inf value, or float32 overflow of the sum: tell them apart in double.
+      ss = 0.0;
+      for (int64_t c = 0; c < cm; ++c) {
+        const double v = element_as_double(dtype, row, c);
+        TORCH_CHECK_VALUE(std::isfinite(v), "bipartite_merge: metric has a non-finite value "
+                          "at [", b, ", ", t, ", ", c, "]; similarities would be NaN");
+        ss += v * v;
+      }
+    }
+    inv[flat] = ss > 0.0 ? static_cast<float>(1.0 / std::sqrt(ss)) : 0.0f;
+    // 1% slack covers the rounding of rho itself; an overflowed residual (values beyond
+    // the copy's range) gives rho = inf, which makes every B token a candidate.
+    if (copy && ss > 0.0) rho[flat] = static_cast<float>(1.01 * std::sqrt(residual / ss));
+  };
+
+  // A task: 64 A and 64 B rows of one sample. Its B rows are rounded into a buffer that
+  // stays in cache and transposed from there into bt.
+  constexpr int64_t kRows = 64;
+  const int64_t blocks = (na + kRows - 1) / kRows;
+  at::parallel_for(0, bsz * blocks, 1, [&](int64_t t0, int64_t t1) {
+    const auto b_rows = std::make_unique_for_overwrite<char[]>(copy ? kRows * kp * op_size : 0);
+    for (int64_t task = t0; task < t1; ++task) {
+      const int64_t b = task / blocks, p0 = (task % blocks) * kRows;
+      const int64_t rows_a = std::min(kRows, na - p0), rows_b = std::max<int64_t>(
+          0, std::min(kRows, nb - p0));
+      // Rows in memory order: A and B rows alternate.
+      for (int64_t q = 0; q < rows_a; ++q) {
+        prepare_row(b, 2 * (p0 + q),
+                    copy ? static_cast<char*>(out.a.mutable_data_ptr()) +
+                               (b * na + p0 + q) * kp * op_size
+                         : nullptr);
+        if (q < rows_b) {
+          prepare_row(b, 2 * (p0 + q) + 1, copy ? b_rows.get() + q * kp * op_size : nullptr);
         }
       }
-      if (dst && kp > cm) dst[cm] = at::BFloat16(0.0f);
-      inv[t] = ss > 0.0 ? static_cast<float>(1.0 / std::sqrt(ss)) : 0.0f;
-      // 1% slack covers the rounding of rho itself; an overflowed residual (values beyond
-      // bfloat16's range) gives rho = inf, which makes every B token a candidate.
-      if (dst && ss > 0.0) rho[t] = static_cast<float>(1.01 * std::sqrt(residual / ss));
+      if (gemm && rows_b > 0) {
+        const char* src = copy ? b_rows.get()
+                               : base + (b * metric.stride(0) + (2 * p0 + 1) * metric.stride(1)) *
+                                            esize;
+        const int64_t ld_src = copy ? words : 2 * metric.stride(1) * esize / 4;
+        transpose(src, ld_src,
+                  static_cast<char*>(out.bt.mutable_data_ptr()) + (b * words * nb + p0) * 4, nb,
+                  rows_b, words);
+      }
     }
   });
   return out;
 }
 
-// bfloat16 GEMM operands laid out for brgemm: A rows [B, Na, K] (row stride lda) and B as
-// VNNI pairs [B, K/2, Nb, 2]; K is even (zero padded).
-struct SimilarityOperands {
-  at::Tensor a;
-  at::Tensor bt;
-  int64_t k;
-};
-
-// b [B, Nb, K] bfloat16, viewed as rows of K/2 32-bit pairs, transposed to [B, K/2, Nb, 2]:
-// the VNNI layout.
-at::Tensor vnni_pack(const at::Tensor& b) {
-  const int64_t bsz = b.size(0), nb = b.size(1), words = b.size(2) / 2;
-  auto bt = at::empty({bsz, words, nb, 2}, b.options());
-  const auto transpose = MMFAST_PICK_ISA(transpose32);
-  const char* src = static_cast<const char*>(b.const_data_ptr());
-  char* dst = static_cast<char*>(bt.mutable_data_ptr());
-  constexpr int64_t kRows = 64;  // rows of b per task
-  const int64_t blocks = (nb + kRows - 1) / kRows;
-  at::parallel_for(0, bsz * blocks, 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t i = t / blocks, r0 = (t % blocks) * kRows;
-      transpose(src + (i * b.stride(0) + r0 * b.stride(1)) * 2, b.stride(1) / 2,
-                dst + (i * words * nb + r0) * 4, nb, std::min(kRows, nb - r0), words);
-    }
-  });
-  return bt;
-}
-
-SimilarityOperands pack_operands(const at::Tensor& metric, const PreparedMetric& prep) {
-  const int64_t n = metric.size(1);
-  // float32/float16 metrics were rounded to bfloat16 for the GEMM (its products are then
-  // exact, and it runs at twice the float32 rate); best_matches re-scores the near-best
-  // candidates exactly, so the rounding never changes the result.
-  const at::Tensor& m16 = prep.m16.defined() ? prep.m16 : metric;
-  auto a = m16.slice(1, 0, n, 2);  // [B, Na, K]
-  auto b = m16.slice(1, 1, n, 2);  // [B, Nb, K]
-  return {a, vnni_pack(b), a.size(2)};
-}
-
-// The GEMM reads a bfloat16 metric in place when its rows already pair up for VNNI.
-bool needs_bf16_copy(const at::Tensor& metric) {
-  return metric.scalar_type() != at::kBFloat16 || metric.size(2) % 2 != 0 ||
-         metric.stride(2) != 1 || metric.stride(1) % 2 != 0 ||
-         reinterpret_cast<uintptr_t>(metric.const_data_ptr()) % 4 != 0;
-}
-
 // Bound, in units of |a| (the score s_j = a . b_j / |b_j| of an A row a), on |s~_j - s_j| +
-// |s^_j - s_j|: s~ from the GEMM on bfloat16 rows (relative rounding rho_a, rho_b), s^ the
+// |s^_j - s_j|: s~ from the GEMM on rounded rows (relative rounding rho_a, rho_b), s^ the
 // exact float32 re-score. With a = a~ + da, |a . b - a~ . b~| <= |da||b| + |a~||db| gives
 // rho_a + rho_b + rho_a rho_b; each float32 sum of k products adds gamma_k (1 + rho)^2; the
-// float32 scalings by the inverse norms add a few units of 2^-24.
-double score_error_bound(int64_t k, double rho_a, double rho_b) {
+// float32 scalings by the inverse norms add a few units of 2^-24. The bound is affine in
+// rho_b: alpha + beta rho_b.
+struct ScoreBound {
+  double alpha, beta;
+};
+
+ScoreBound score_error_bound(int64_t k, double rho_a) {
   const double gamma = 1.01 * static_cast<double>(k + 2) * std::ldexp(1.0, -24);
-  const double rounding = rho_a + rho_b + rho_a * rho_b;
-  return rounding + gamma * (1.0 + rho_a) * (1.0 + rho_b) + gamma + std::ldexp(1.0, -20);
+  return {rho_a + gamma * (1.0 + rho_a) + gamma + std::ldexp(1.0, -20),
+          1.0 + rho_a + gamma * (1.0 + rho_a)};
 }
 
 constexpr int64_t kStripCols = 256;
 
+// The exact re-scores read whole metric rows in an order known just before: fetching the next
+// row while the current one is summed hides most of the cache misses they would cost.
+void prefetch(const char* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
 // node_max[b, i] = max_j cos(a_i, b_j), node_idx[b, i] = the first j reaching it.
 //
-// Per tile of kTileA A tokens, one bfloat16 GEMM fills a strip [kTileA, Nb] of approximate
-// scores s~_j = (a . b_j)~ / |b_j| (a strip per tile, never the A x B matrix). With e the
-// error bound of s~ and of the exact float32 score s, every j whose s~_j is within 2e|a| of
-// the strip's maximum is re-scored exactly (a float32 dot of the metric rows as given); the
-// best of those, lowest index on ties, is the argmax of s over all j. Exact scores depend
-// only on the two rows, so equal rows give equal scores wherever they sit in a tile.
+// Per tile of kTileA A tokens, one approximate GEMM fills a strip [kTileA, Nb] of scores
+// s~_j, in units u of the cosine (a strip per tile, never the A x B matrix): bfloat16,
+// s~_j = (a . b_j)~ / |b_j| and u = 1 / |a|; int8, s~_j = q_a . q_b_j * step_b_j / |b_j| and
+// u = step_a / |a|. The first j reaching the strip's maximum is scored exactly (a float32
+// dot of the metric rows as given): with e the error bound (in cosine units) of s~ u and of
+// the exact score, only a j with s~_j u + e at least that exact score can beat or tie it, so
+// only those are re-scored; the best of them, lowest index on ties, is the argmax of the
+// cosine over all j. Exact scores depend only on the two rows, so equal rows give equal
+// scores wherever they sit in a tile.
 void best_matches(const at::Tensor& metric, const PreparedMetric& prep, float* node_max,
                   int64_t* node_idx, bool protect_first) {
   const at::Tensor& inv_norm = prep.inv_norm;
@@ -170,58 +234,108 @@ void best_matches(const at::Tensor& metric, const PreparedMetric& prep, float* n
     std::fill(node_max, node_max + bsz * na, nb == 0 ? -INFINITY : 0.0f);
     std::fill(node_idx, node_idx + bsz * na, 0);
   } else {
-    const auto ops = pack_operands(metric, prep);
+    const bool int8 = prep.pass == FirstPass::kInt8;
     const auto rho = prep.rho.const_data_ptr<float>();
-    const auto rho_b_max = std::get<0>(prep.rho.slice(1, 1, n, 2).max(1));  // [B]
+    const auto rho_b_all = prep.rho.slice(1, 1, n, 2).contiguous();  // [B, Nb]
     const auto inv_b_all = inv_norm.slice(1, 1, n, 2).contiguous();  // [B, Nb]
+    // int8: what turns q_a . q_b into s~ (per B column), and the offset to take off first.
+    const auto scale_b_all = int8 ? at::mul(prep.step.slice(1, 1, n, 2), inv_b_all)
+                                  : at::Tensor();
+    const auto offset_b_all = int8 ? prep.q_offset.slice(1, 1, n, 2).contiguous()
+                                   : at::Tensor();
+    const float* step = int8 ? prep.step.const_data_ptr<float>() : nullptr;
     const int64_t tiles = (na + kTileA - 1) / kTileA;
     const auto dot = MMFAST_PICK_ISA(row_dot);
     const auto scale_max = MMFAST_PICK_ISA(scale_and_max);
+    const auto int_scale_max = MMFAST_PICK_ISA(int_scale_and_max);
     const auto at_least = MMFAST_PICK_ISA(indices_at_least);
     const auto dtype = metric.scalar_type();
     const int64_t esize = metric.element_size();
     const char* mbase = static_cast<const char*>(metric.const_data_ptr());
+    const char* abase = static_cast<const char*>(prep.a.const_data_ptr());
+    const char* btbase = static_cast<const char*>(prep.bt.const_data_ptr());
+    const int64_t op_size = prep.a.element_size();
     at::parallel_for(0, bsz * tiles, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> strip(kTileA * nb);
+      // int8: the GEMM's int32 strip, and one row of s~ at a time; bfloat16: s~ in place.
+      // Uninitialized: every element is written before it is read.
+      const auto strip = std::make_unique_for_overwrite<float[]>(int8 ? nb : kTileA * nb);
+      const auto istrip = std::make_unique_for_overwrite<int32_t[]>(int8 ? kTileA * nb : 0);
       std::vector<int64_t> candidates(nb);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / tiles, i0 = (t % tiles) * kTileA;
         const int64_t m = std::min(kTileA, na - i0);
         const float* inv_b = inv_b_all.const_data_ptr<float>() + b * nb;
-        const auto* a16 = ops.a.const_data_ptr<at::BFloat16>() + b * ops.a.stride(0) +
-                          i0 * ops.a.stride(1);
-        const auto* bt16 = ops.bt.const_data_ptr<at::BFloat16>() + b * ops.bt.stride(0);
+        const char* a_tile = abase + (b * prep.a.stride(0) + i0 * prep.a.stride(1)) * op_size;
+        const char* bt = btbase + b * prep.bt.stride(0) * op_size;
         for (int64_t j0 = 0; j0 < nb; j0 += kStripCols) {
-          at::native::cpublas::brgemm(m, std::min(kStripCols, nb - j0), ops.k, ops.a.stride(1),
-                                      nb, nb, false, a16, bt16 + j0 * 2, strip.data() + j0,
-                                      true);
+          const int64_t cols = std::min(kStripCols, nb - j0);
+          if (int8) {
+            at::native::cpublas::brgemm(
+                m, cols, prep.k, prep.a.stride(1), nb, nb, false,
+                reinterpret_cast<const unsigned char*>(a_tile),
+                reinterpret_cast<const signed char*>(bt) + j0 * 4, istrip.get() + j0, true);
+          } else {
+            at::native::cpublas::brgemm(
+                m, cols, prep.k, prep.a.stride(1), nb, nb, false,
+                reinterpret_cast<const at::BFloat16*>(a_tile),
+                reinterpret_cast<const at::BFloat16*>(bt) + j0 * 2, strip.get() + j0, true);
+          }
         }
         const char* mb = mbase + b * metric.stride(0) * esize;
+        const int64_t row_bytes = cm * esize;
         for (int64_t i = 0; i < m; ++i) {
           const int64_t tok_a = 2 * (i0 + i);
+          if (i + 1 < m) prefetch(mb + (tok_a + 2) * metric.stride(1) * esize, row_bytes);
           const float inv_a = inv[b * n + tok_a];
-          float* s = strip.data() + i * nb;
+          float* s = strip.get() + (int8 ? 0 : i * nb);
           float best = -INFINITY;
           int64_t arg = 0;
           if (inv_a > 0.0f) {  // a zero row scores 0 everywhere: arg 0
-            const float top = scale_max(s, inv_b, nb);
-            // j can still be the best if s~_j >= top - 2 e |a| (each side off by at most e).
-            const double e = score_error_bound(cm, rho[b * n + tok_a],
-                                               rho_b_max.const_data_ptr<float>()[b]);
-            const float floor = static_cast<float>(top - 2.0 * e / inv_a);
+            float top, unit;
+            if (int8) {
+              top = int_scale_max(istrip.get() + i * nb,
+                                  offset_b_all.const_data_ptr<int32_t>() + b * nb,
+                                  scale_b_all.const_data_ptr<float>() + b * nb, s, nb, &arg);
+              unit = inv_a * step[b * n + tok_a];
+            } else {
+              top = scale_max(s, inv_b, nb);
+              // No j reaches a NaN top (bfloat16 products can overflow); the NaN floor then
+              // re-scores all.
+              arg = at_least(s, nullptr, 0.0f, nb, top, candidates.data()) > 0 ? candidates[0]
+                                                                                : 0;
+              unit = inv_a;
+            }
+            // The exact score of a j reaching the top is a lower bound of the best one; any
+            // j can still reach it if s~_j >= (exact_top / |a| - e) / u, since its exact score
+            // is at most s~_j u + e.
+            const char* row_a = mb + tok_a * metric.stride(1) * esize;
+            const auto row_b = [&](int64_t j) { return mb + (2 * j + 1) * metric.stride(1) * esize; };
+            const auto exact_score = [&](int64_t j) {
+              return dot(dtype, row_a, row_b(j), cm) * inv_b[j];
+            };
+            best = exact_score(arg);
+            // In strip units: s~_j + (beta / u) rho_b_j >= (exact_top / |a| - alpha) / u.
+            const auto e = score_error_bound(cm, rho[b * n + tok_a]);
+            const float floor = std::nextafter(
+                static_cast<float>((static_cast<double>(best) * inv_a - e.alpha) / unit),
+                -INFINITY);
+            const float coef = static_cast<float>(e.beta / unit);
             int64_t count;
-            if (std::isnan(floor) || floor == -INFINITY) {  // no usable bound: re-score all
-              std::iota(candidates.begin(), candidates.end(), 0);
+            if (std::isnan(floor) || floor == -INFINITY || !std::isfinite(coef)) {
+              std::iota(candidates.begin(), candidates.end(), 0);  // no usable bound
               count = nb;
             } else {
-              count = at_least(s, nb, floor, candidates.data());
+              count = at_least(s, rho_b_all.const_data_ptr<float>() + b * nb, coef, nb, floor,
+                               candidates.data());
             }
-            const char* row_a = mb + tok_a * metric.stride(1) * esize;
+            const int64_t first = arg;
             for (int64_t c = 0; c < count; ++c) {
               const int64_t j = candidates[c];
-              const char* row_b = mb + (2 * j + 1) * metric.stride(1) * esize;
-              const float exact = dot(dtype, row_a, row_b, cm) * inv_b[j];
-              if (exact > best) {  // strict, in index order: the lowest index wins a tie
+              if (c + 1 < count) prefetch(row_b(candidates[c + 1]), row_bytes);
+              if (j == first) continue;
+              const float exact = exact_score(j);
+              // Candidates come in index order: the lowest index wins a tie.
+              if (exact > best || (exact == best && j < arg)) {
                 best = exact;
                 arg = j;
               }
@@ -253,7 +367,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
 
   // (1) + (2): the best B match of every A token. Non-finite metric rows are an error even
   // when r == 0, so that the op's contract does not depend on r.
-  const auto prep = prepare_metric(metric, r > 0 && needs_bf16_copy(metric));
+  const auto prep = prepare_metric(metric, first_pass(), r > 0 && n > 1 && metric.size(2) > 0);
   std::vector<float> node_max(bsz * na);
   std::vector<int64_t> node_idx(bsz * na);
   if (r > 0) best_matches(metric, prep, node_max.data(), node_idx.data(), protect_first);

@@ -258,8 +258,9 @@ def test_cuda_matches_reference(backend, dtype):
 def test_near_ties_below_bfloat16_resolution():
     # Directions on a circle: B tokens 0.02 rad apart, each A token a distinct small angle
     # past one of them. Scores differ by ~1e-5: far above float32 rounding, far below what a
-    # bfloat16 GEMM resolves. The CPU kernel's bfloat16 GEMM only shortlists candidates; the
-    # exact re-scoring must still make ToMe's choice (best B, then ranking of the A tokens).
+    # bfloat16 or int8 GEMM resolves. The CPU kernel's approximate GEMM only shortlists
+    # candidates; the exact re-scoring must still make ToMe's choice (best B, then ranking of
+    # the A tokens).
     nb = 11
     theta_b = torch.arange(nb, dtype=torch.float64) * 0.02
     theta_a = theta_b[torch.randperm(nb)] + (torch.arange(nb) + 1) * 0.02 / 30
@@ -270,6 +271,19 @@ def test_near_ties_below_bfloat16_resolution():
     x = torch.randn(3, 2 * nb, 5)
     for r in (1, 4, 7, 11):
         _check_against_reference(x, metric, r)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_outlier_channels_keep_the_exact_choice(dtype):
+    # A few channels 300x larger than the rest (as in real ViT features) make the rounding of
+    # an 8-bit copy of the metric coarse for every other channel: the shortlist grows, and the
+    # choice must stay exact.
+    metric = torch.randn(2, 301, 45)
+    metric[:, ::3, 7] *= 300
+    metric[:, 1::5, 30] *= -300
+    x = torch.randn(2, 301, 6)
+    for r in (1, 75, 150):
+        _check_against_reference(x.to(dtype), metric.to(dtype), r)
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2"])

@@ -9,6 +9,7 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cmath>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -48,6 +49,19 @@ inline void store_chunk(T* p, int64_t n, const fVec& lo, const fVec& hi) {
     const auto v = at::vec::convert_from_float<T>(lo, hi);
     if (n >= kChunk) v.store(p); else v.store(p, n);
   }
+}
+
+// dst[l] = byte(v[l]) ^ flip for l < m, v in [-128, 127].
+inline void store_bytes(const at::vec::Vectorized<int32_t>& v, uint8_t flip, uint8_t* dst,
+                        int64_t m) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m128i bytes = _mm_xor_si128(_mm512_cvtepi32_epi8(v), _mm_set1_epi8(flip));
+  _mm_mask_storeu_epi8(dst, static_cast<__mmask16>((1u << m) - 1), bytes);
+#else
+  alignas(64) int32_t words[kW];
+  v.store(words);
+  for (int64_t l = 0; l < m; ++l) dst[l] = static_cast<uint8_t>(words[l]) ^ flip;
+#endif
 }
 
 template <typename T>
@@ -174,6 +188,100 @@ float row_sumsq_to_bf16(c10::ScalarType dtype, const void* src, int64_t n,
   });
 }
 
+float row_sumsq_to_int8(c10::ScalarType dtype, const void* src, int64_t n, uint8_t* dst,
+                        uint8_t flip, float* step_out, float* residual_sumsq, int32_t* q_sum) {
+  return dispatch_float_types(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using IVec = at::vec::Vectorized<int32_t>;
+    const T* p = static_cast<const T*>(src);
+    fVec s0(0.0f), s1(0.0f), mx(0.0f);
+    for (int64_t c = 0; c < n; c += kChunk) {
+      fVec lo, hi;
+      load_chunk(p + c, n - c, lo, hi);
+      s0 = at::vec::fmadd(lo, lo, s0);
+      s1 = at::vec::fmadd(hi, hi, s1);
+      mx = at::vec::maximum(mx, at::vec::maximum(lo.abs(), hi.abs()));
+    }
+    const auto sum = [](fVec& a, fVec& b) { return a + b; };
+    const float maxabs = at::vec::vec_reduce_all<float>(
+        [](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, mx);
+    const float sumsq = at::vec::vec_reduce_all<float>(sum, s0 + s1);
+    // Below 1e-30, 127 / maxabs could overflow; such a row is all rounding error.
+    if (!(maxabs >= 1e-30f) || !std::isfinite(maxabs)) {
+      std::fill(dst, dst + n, flip);
+      *step_out = 0.0f;
+      *residual_sumsq = sumsq;
+      *q_sum = 0;
+      return sumsq;
+    }
+    const float step = maxabs / 127.0f;
+    const fVec inv(127.0f / maxabs), vstep(step);
+    fVec r0(0.0f), r1(0.0f);
+    IVec qs(0);
+    for (int64_t c = 0; c < n; c += kChunk) {
+      const int64_t m = std::min(kChunk, n - c);
+      fVec lo, hi;
+      load_chunk(p + c, m, lo, hi);
+      // Lanes past m load as 0 and quantize to 0: they add nothing to the sums.
+      // |src| <= maxabs, so |src * inv| rounds to at most 127: no clamp needed.
+      const fVec q0 = (lo * inv).round();
+      const fVec q1 = (hi * inv).round();
+      const fVec d0 = lo - q0 * vstep, d1 = hi - q1 * vstep;
+      r0 = at::vec::fmadd(d0, d0, r0);
+      r1 = at::vec::fmadd(d1, d1, r1);
+      const IVec i0 = at::vec::convert_to_int_of_same_size(q0);
+      const IVec i1 = at::vec::convert_to_int_of_same_size(q1);
+      qs = qs + i0 + i1;
+      store_bytes(i0, flip, dst + c, std::min(m, kW));
+      if (m > kW) store_bytes(i1, flip, dst + c + kW, m - kW);
+    }
+    *step_out = step;
+    *residual_sumsq = at::vec::vec_reduce_all<float>(sum, r0 + r1);
+    *q_sum = at::vec::vec_reduce_all<int32_t>([](IVec& a, IVec& b) { return a + b; }, qs);
+    return sumsq;
+  });
+}
+
+float int_scale_and_max(const int32_t* c, const int32_t* offset, const float* scale, float* s,
+                        int64_t n, int64_t* first) {
+  using IVec = at::vec::Vectorized<int32_t>;
+  // Per lane: the largest value and the first j where it occurs (strict > keeps the first).
+  fVec vmax(-std::numeric_limits<float>::infinity());
+  IVec vidx(0);
+  IVec lane_j = IVec::arange(0, 1);
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) {
+    const IVec d = IVec::loadu(c + j) - IVec::loadu(offset + j);
+    const fVec v = at::vec::convert_to_fp_of_same_size<float>(d) * fVec::loadu(scale + j);
+    v.store(s + j);
+    const fVec gt = v > vmax;
+    vmax = fVec::blendv(vmax, v, gt);
+    vidx = IVec::blendv(vidx, lane_j, at::vec::cast<int32_t>(gt));
+    lane_j = lane_j + IVec(static_cast<int32_t>(kW));
+  }
+  alignas(64) float lane_max[kW];
+  alignas(64) int32_t lane_first[kW];
+  vmax.store(lane_max);
+  vidx.store(lane_first);
+  float m = -std::numeric_limits<float>::infinity();
+  int64_t arg = 0;
+  for (int64_t l = 0; l < kW && l < n; ++l) {
+    if (lane_max[l] > m || (lane_max[l] == m && lane_first[l] < arg)) {
+      m = lane_max[l];
+      arg = lane_first[l];
+    }
+  }
+  for (; j < n; ++j) {
+    s[j] = static_cast<float>(c[j] - offset[j]) * scale[j];
+    if (s[j] > m) {
+      m = s[j];
+      arg = j;
+    }
+  }
+  *first = arg;
+  return m;
+}
+
 float scale_and_max(float* s, const float* scale, int64_t n) {
   fVec vmax(-std::numeric_limits<float>::infinity());
   int64_t j = 0;
@@ -191,20 +299,24 @@ float scale_and_max(float* s, const float* scale, int64_t n) {
   return m;
 }
 
-int64_t indices_at_least(const float* s, int64_t n, float floor, int64_t* out) {
+int64_t indices_at_least(const float* s, const float* slack, float coef, int64_t n,
+                         float floor, int64_t* out) {
   int64_t count = 0;
   int64_t j = 0;
-  const fVec f(floor);
+  const fVec f(floor), c(coef);
   for (; j + kW <= n; j += kW) {
-    // zero_mask: bit l set where lane l is all-zero, i.e. where s < floor.
-    const int below = (fVec::loadu(s + j) >= f).zero_mask();
+    fVec v = fVec::loadu(s + j);
+    if (slack != nullptr) v = at::vec::fmadd(fVec::loadu(slack + j), c, v);
+    // zero_mask: bit l set where lane l is all-zero, i.e. where the value is below floor.
+    const int below = (v >= f).zero_mask();
     if (below == (1 << kW) - 1) continue;
     for (int64_t l = 0; l < kW; ++l) {
       if (!((below >> l) & 1)) out[count++] = j + l;
     }
   }
   for (; j < n; ++j) {
-    if (s[j] >= floor) out[count++] = j;
+    const float v = slack != nullptr ? std::fma(slack[j], coef, s[j]) : s[j];
+    if (v >= floor) out[count++] = j;
   }
   return count;
 }

@@ -37,12 +37,31 @@ MMFAST_DECLARE_ISA_KERNEL(
 // s[j] *= scale[j] for j < n; returns max_j s[j] (-inf for n = 0).
 MMFAST_DECLARE_ISA_KERNEL(float scale_and_max(float* s, const float* scale, int64_t n))
 
-// Writes the indices j < n with s[j] >= floor, ascending, to out; returns how many.
+// Writes the indices j < n with s[j] + coef * slack[j] >= floor (s[j] >= floor when slack is
+// null), ascending, to out; returns how many.
 MMFAST_DECLARE_ISA_KERNEL(
-    int64_t indices_at_least(const float* s, int64_t n, float floor, int64_t* out))
+    int64_t indices_at_least(const float* s, const float* slack, float coef, int64_t n,
+                             float floor, int64_t* out))
 
 // Returns sum_c src[c]^2 (float32; NaN and Inf propagate). With dst, also writes
 // dst[c] = bfloat16(src[c]) and *residual_sumsq = sum_c (src[c] - dst[c])^2.
 MMFAST_DECLARE_ISA_KERNEL(
     float row_sumsq_to_bf16(c10::ScalarType dtype, const void* src, int64_t n,
                             c10::BFloat16* dst, float* residual_sumsq))
+
+// Returns sum_c src[c]^2 (float32; NaN and Inf propagate) and quantizes the row symmetrically:
+// with step = max_c |src[c]| / 127, q[c] = round(src[c] / step) in [-127, 127], stored as the
+// byte q[c] ^ flip (flip = 0x80 gives the unsigned q + 128 of VNNI's u8 operand, 0 the signed
+// q); *step_out = step, *residual_sumsq = sum_c (src[c] - q[c] step)^2, *q_sum = sum_c q[c].
+// A row whose largest magnitude is below 1e-30 or not finite gives q = 0, step = 0 and
+// residual = the row's sum of squares.
+MMFAST_DECLARE_ISA_KERNEL(
+    float row_sumsq_to_int8(c10::ScalarType dtype, const void* src, int64_t n, uint8_t* dst,
+                            uint8_t flip, float* step_out, float* residual_sumsq,
+                            int32_t* q_sum))
+
+// s[j] = float(c[j] - offset[j]) * scale[j] for j < n (finite scale: s is never NaN); returns
+// max_j s[j] (-inf for n = 0) and writes the lowest j reaching it to *first (0 for n = 0).
+MMFAST_DECLARE_ISA_KERNEL(
+    float int_scale_and_max(const int32_t* c, const int32_t* offset, const float* scale,
+                            float* s, int64_t n, int64_t* first))
