@@ -70,119 +70,119 @@ bool needs_copy(const at::Tensor& metric, FirstPass pass) {
 // With `gemm`, also the approximate GEMM's operands: when the metric has to be rounded for it
 // (to int8, or to bfloat16), rho = |m - m~| / |m|, the relative size of the rounding (bounds
 // the GEMM's error); the rounding never changes the result, since best_matches re-scores the
-// near-best candidates exactly.
+// near-best candidates exactly. Rounded rows have K' columns (zero padded): K rounded up to
+// even for bfloat16, to a multiple of 4 for int8, where A rows (even tokens) are stored as
+// u8 = q + 128 and B rows (odd tokens) as s8 = q.
 struct PreparedMetric {
   FirstPass pass;
+  bool copy = false;    // the GEMM reads rounded rows, not the metric itself
+  bool int8 = false;
+  int64_t k = 0;        // K'
+  int64_t op_size = 0;  // bytes per GEMM operand element
   at::Tensor inv_norm;  // [B, N] float32
   at::Tensor rho;       // [B, N] float32 (zeros without rounding)
-  // GEMM operands: A rows (even tokens) [B, Na, K'] (a view of the metric, or a rounded copy:
-  // bfloat16 with K' = K rounded up to even, or u8 = q + 128 with K' a multiple of 4), and B
-  // rows (odd tokens) in VNNI layout, 32-bit groups [B, K' / w, Nb, w] (w = 2 bfloat16 or 4
-  // s8 = q values); zero padded.
-  at::Tensor a, bt;
-  int64_t k = 0;
+  at::Tensor bt;        // B rows in VNNI layout, 32-bit groups [B, K' / w, Nb, w], w = 4 / op_size
   at::Tensor step;      // int8: [B, N] float32, each row's quantization step (m~ = q * step)
   at::Tensor q_offset;  // int8: [B, N] int32, 128 * sum_c q[c]: the +128 of A's u8 operand
                         // adds this to every product with B row
 };
 
+// Row t of sample b: its statistics, and (with a copy) its rounded row to dst (K' elements).
+void prepare_row(const at::Tensor& metric, PreparedMetric& prep, int64_t b, int64_t t,
+                 char* dst) {
+  const int64_t n = metric.size(1), cm = metric.size(2), kp = prep.k;
+  const int64_t flat = b * n + t;
+  const auto dtype = metric.scalar_type();
+  const int64_t esize = metric.element_size();
+  const char* row = static_cast<const char*>(metric.const_data_ptr()) +
+                    (b * metric.stride(0) + t * metric.stride(1)) * esize;
+  float residual = 0.0f;
+  double ss;
+  if (prep.int8) {
+    const uint8_t flip = t % 2 == 0 ? 0x80 : 0;  // A rows become u8 = q + 128
+    int32_t q_sum = 0;
+    ss = MMFAST_PICK_ISA(row_sumsq_to_int8)(dtype, row, cm, reinterpret_cast<uint8_t*>(dst),
+                                            flip, prep.step.mutable_data_ptr<float>() + flat,
+                                            &residual, &q_sum);
+    std::fill(dst + cm, dst + kp, static_cast<char>(flip));
+    prep.q_offset.mutable_data_ptr<int32_t>()[flat] = 128 * q_sum;
+  } else if (prep.copy) {
+    auto* d16 = reinterpret_cast<at::BFloat16*>(dst);
+    ss = MMFAST_PICK_ISA(row_sumsq_to_bf16)(dtype, row, cm, d16, &residual);
+    if (kp > cm) d16[cm] = at::BFloat16(0.0f);
+  } else {
+    ss = MMFAST_PICK_ISA(row_sumsq)(dtype, row, cm);
+  }
+  if (!std::isfinite(ss)) {
+    // Either a NaN/Inf value, or float32 overflow of the sum: tell them apart in double.
+    ss = 0.0;
+    for (int64_t c = 0; c < cm; ++c) {
+      const double v = element_as_double(dtype, row, c);
+      TORCH_CHECK_VALUE(std::isfinite(v), "bipartite_merge: metric has a non-finite value "
+                        "at [", b, ", ", t, ", ", c, "]; similarities would be NaN");
+      ss += v * v;
+    }
+  }
+  prep.inv_norm.mutable_data_ptr<float>()[flat] =
+      ss > 0.0 ? static_cast<float>(1.0 / std::sqrt(ss)) : 0.0f;
+  // 1% slack covers the rounding of rho itself; an overflowed residual (values beyond the
+  // copy's range) gives rho = inf, which makes every B token a candidate.
+  if (prep.copy && ss > 0.0) {
+    prep.rho.mutable_data_ptr<float>()[flat] =
+        static_cast<float>(1.01 * std::sqrt(residual / ss));
+  }
+}
+
+// Without `gemm`, the statistics of every row (non-finite values are an error whatever r is).
+// With it, those of the B rows, rounded and packed into bt; best_matches prepares the A rows
+// of each tile itself, into a buffer that stays in cache until their exact re-scores.
 PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gemm) {
   const int64_t bsz = metric.size(0), n = metric.size(1), cm = metric.size(2);
   const int64_t na = (n + 1) / 2, nb = n / 2;
-  const bool copy = gemm && needs_copy(metric, pass);
-  const bool int8 = copy && pass == FirstPass::kInt8;
-  const int64_t kp = int8 ? (cm + 3) / 4 * 4 : cm + cm % 2;
   const auto opts = metric.options();
-  const auto op_dtype = int8 ? at::kByte : at::kBFloat16;
-  const int64_t op_size = int8 ? 1 : 2;
-  const int64_t words = kp * op_size / 4;  // 32-bit words per GEMM row
   PreparedMetric out;
   out.pass = pass;
+  out.copy = gemm && needs_copy(metric, pass);
+  out.int8 = out.copy && pass == FirstPass::kInt8;
+  out.k = out.int8 ? (cm + 3) / 4 * 4 : cm + cm % 2;
+  out.op_size = out.int8 ? 1 : 2;
   out.inv_norm = at::empty({bsz, n}, opts.dtype(at::kFloat));
   out.rho = at::zeros({bsz, n}, opts.dtype(at::kFloat));
+  const int64_t words = out.k * out.op_size / 4;  // 32-bit words per GEMM row
   if (gemm) {
-    out.k = kp;
-    out.a = copy ? at::empty({bsz, na, kp}, opts.dtype(op_dtype)) : metric.slice(1, 0, n, 2);
-    out.bt = at::empty({bsz, words, nb, 4 / op_size}, opts.dtype(op_dtype));
+    out.bt = at::empty({bsz, words, nb, 4 / out.op_size},
+                       opts.dtype(out.int8 ? at::kByte : at::kBFloat16));
   }
-  if (int8) {
+  if (out.int8) {
     out.step = at::empty({bsz, n}, opts.dtype(at::kFloat));
     out.q_offset = at::empty({bsz, n}, opts.dtype(at::kInt));
   }
-  float* inv = out.inv_norm.mutable_data_ptr<float>();
-  float* rho = out.rho.mutable_data_ptr<float>();
-  const auto dtype = metric.scalar_type();
+  const auto transpose = MMFAST_PICK_ISA(transpose32);
   const char* base = static_cast<const char*>(metric.const_data_ptr());
   const int64_t esize = metric.element_size();
-  const auto sumsq = MMFAST_PICK_ISA(row_sumsq);
-  const auto to_bf16 = MMFAST_PICK_ISA(row_sumsq_to_bf16);
-  const auto to_int8 = MMFAST_PICK_ISA(row_sumsq_to_int8);
-  const auto transpose = MMFAST_PICK_ISA(transpose32);
-
-  // Row t of sample b (flat index bt = b * n + t): statistics, and its rounded copy to dst.
-  const auto prepare_row = [&](int64_t b, int64_t t, char* dst) {
-    const int64_t flat = b * n + t;
-    const char* row = base + (b * metric.stride(0) + t * metric.stride(1)) * esize;
-    float residual = 0.0f;
-    double ss;
-    if (int8) {
-      const uint8_t flip = t % 2 == 0 ? 0x80 : 0;  // A rows become u8 = q + 128
-      int32_t q_sum = 0;
-      ss = to_int8(dtype, row, cm, reinterpret_cast<uint8_t*>(dst), flip,
-                   out.step.mutable_data_ptr<float>() + flat, &residual, &q_sum);
-      std::fill(dst + cm, dst + kp, static_cast<char>(flip));
-      out.q_offset.mutable_data_ptr<int32_t>()[flat] = 128 * q_sum;
-    } else if (copy) {
-      auto* d16 = reinterpret_cast<at::BFloat16*>(dst);
-      ss = to_bf16(dtype, row, cm, d16, &residual);
-      if (kp > cm) d16[cm] = at::BFloat16(0.0f);
-    } else {
-      ss = sumsq(dtype, row, cm);
-    }
-    if (!std::isfinite(ss)) {
-      // Either a NaN/Inf value, or float32 overflow of the sum: tell them apart in double.
-      ss = 0.0;
-      for (int64_t c = 0; c < cm; ++c) {
-        const double v = element_as_double(dtype, row, c);
-        TORCH_CHECK_VALUE(std::isfinite(v), "bipartite_merge: metric has a non-finite value "
-                          "at [", b, ", ", t, ", ", c, "]; similarities would be NaN");
-        ss += v * v;
-      }
-    }
-    inv[flat] = ss > 0.0 ? static_cast<float>(1.0 / std::sqrt(ss)) : 0.0f;
-    // 1% slack covers the rounding of rho itself; an overflowed residual (values beyond
-    // the copy's range) gives rho = inf, which makes every B token a candidate.
-    if (copy && ss > 0.0) rho[flat] = static_cast<float>(1.01 * std::sqrt(residual / ss));
-  };
-
-  // A task: 64 A and 64 B rows of one sample. Its B rows are rounded into a buffer that
-  // stays in cache and transposed from there into bt.
+  // A task: 64 rows of one sample (64 B rows with `gemm`). B rows are rounded into a buffer
+  // that stays in cache and transposed from there into bt.
   constexpr int64_t kRows = 64;
-  const int64_t blocks = (na + kRows - 1) / kRows;
+  const int64_t rows = gemm ? nb : n;
+  const int64_t blocks = (rows + kRows - 1) / kRows;
   at::parallel_for(0, bsz * blocks, 1, [&](int64_t t0, int64_t t1) {
-    const auto b_rows = std::make_unique_for_overwrite<char[]>(copy ? kRows * kp * op_size : 0);
+    const auto buffer =
+        std::make_unique_for_overwrite<char[]>(out.copy ? kRows * out.k * out.op_size : 0);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / blocks, p0 = (task % blocks) * kRows;
-      const int64_t rows_a = std::min(kRows, na - p0), rows_b = std::max<int64_t>(
-          0, std::min(kRows, nb - p0));
-      // Rows in memory order: A and B rows alternate.
-      for (int64_t q = 0; q < rows_a; ++q) {
-        prepare_row(b, 2 * (p0 + q),
-                    copy ? static_cast<char*>(out.a.mutable_data_ptr()) +
-                               (b * na + p0 + q) * kp * op_size
-                         : nullptr);
-        if (q < rows_b) {
-          prepare_row(b, 2 * (p0 + q) + 1, copy ? b_rows.get() + q * kp * op_size : nullptr);
-        }
+      const int64_t b = task / blocks, r0 = (task % blocks) * kRows;
+      const int64_t count = std::min(kRows, rows - r0);
+      for (int64_t q = 0; q < count; ++q) {
+        prepare_row(metric, out, b, gemm ? 2 * (r0 + q) + 1 : r0 + q,
+                    out.copy ? buffer.get() + q * out.k * out.op_size : nullptr);
       }
-      if (gemm && rows_b > 0) {
-        const char* src = copy ? b_rows.get()
-                               : base + (b * metric.stride(0) + (2 * p0 + 1) * metric.stride(1)) *
-                                            esize;
-        const int64_t ld_src = copy ? words : 2 * metric.stride(1) * esize / 4;
+      if (gemm) {
+        const char* src = out.copy ? buffer.get()
+                                   : base + (b * metric.stride(0) +
+                                             (2 * r0 + 1) * metric.stride(1)) * esize;
+        const int64_t ld_src = out.copy ? words : 2 * metric.stride(1) * esize / 4;
         transpose(src, ld_src,
-                  static_cast<char*>(out.bt.mutable_data_ptr()) + (b * words * nb + p0) * 4, nb,
-                  rows_b, words);
+                  static_cast<char*>(out.bt.mutable_data_ptr()) + (b * words * nb + r0) * 4,
+                  nb, count, words);
       }
     }
   });
@@ -224,7 +224,7 @@ void prefetch(const char* p, int64_t bytes) {
 // only those are re-scored; the best of them, lowest index on ties, is the argmax of the
 // cosine over all j. Exact scores depend only on the two rows, so equal rows give equal
 // scores wherever they sit in a tile.
-void best_matches(const at::Tensor& metric, const PreparedMetric& prep, float* node_max,
+void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_max,
                   int64_t* node_idx, bool protect_first) {
   const at::Tensor& inv_norm = prep.inv_norm;
   const int64_t bsz = metric.size(0), n = metric.size(1), cm = metric.size(2);
@@ -234,7 +234,7 @@ void best_matches(const at::Tensor& metric, const PreparedMetric& prep, float* n
     std::fill(node_max, node_max + bsz * na, nb == 0 ? -INFINITY : 0.0f);
     std::fill(node_idx, node_idx + bsz * na, 0);
   } else {
-    const bool int8 = prep.pass == FirstPass::kInt8;
+    const bool int8 = prep.int8;
     const auto rho = prep.rho.const_data_ptr<float>();
     const auto rho_b_all = prep.rho.slice(1, 1, n, 2).contiguous();  // [B, Nb]
     const auto inv_b_all = inv_norm.slice(1, 1, n, 2).contiguous();  // [B, Nb]
@@ -252,10 +252,13 @@ void best_matches(const at::Tensor& metric, const PreparedMetric& prep, float* n
     const auto dtype = metric.scalar_type();
     const int64_t esize = metric.element_size();
     const char* mbase = static_cast<const char*>(metric.const_data_ptr());
-    const char* abase = static_cast<const char*>(prep.a.const_data_ptr());
     const char* btbase = static_cast<const char*>(prep.bt.const_data_ptr());
-    const int64_t op_size = prep.a.element_size();
+    const int64_t op_size = prep.op_size;
+    // Without a copy, the bfloat16 GEMM reads the A rows of the metric in place.
+    const int64_t lda = prep.copy ? prep.k : 2 * metric.stride(1);
     at::parallel_for(0, bsz * tiles, 1, [&](int64_t t0, int64_t t1) {
+      const auto a_rows =
+          std::make_unique_for_overwrite<char[]>(prep.copy ? kTileA * prep.k * op_size : 0);
       // int8: the GEMM's int32 strip, and one row of s~ at a time; bfloat16: s~ in place.
       // Uninitialized: every element is written before it is read.
       const auto strip = std::make_unique_for_overwrite<float[]>(int8 ? nb : kTileA * nb);
@@ -265,18 +268,24 @@ void best_matches(const at::Tensor& metric, const PreparedMetric& prep, float* n
         const int64_t b = t / tiles, i0 = (t % tiles) * kTileA;
         const int64_t m = std::min(kTileA, na - i0);
         const float* inv_b = inv_b_all.const_data_ptr<float>() + b * nb;
-        const char* a_tile = abase + (b * prep.a.stride(0) + i0 * prep.a.stride(1)) * op_size;
+        for (int64_t i = 0; i < m; ++i) {
+          prepare_row(metric, prep, b, 2 * (i0 + i),
+                      prep.copy ? a_rows.get() + i * prep.k * op_size : nullptr);
+        }
+        const char* a_tile =
+            prep.copy ? a_rows.get()
+                      : mbase + (b * metric.stride(0) + 2 * i0 * metric.stride(1)) * esize;
         const char* bt = btbase + b * prep.bt.stride(0) * op_size;
         for (int64_t j0 = 0; j0 < nb; j0 += kStripCols) {
           const int64_t cols = std::min(kStripCols, nb - j0);
           if (int8) {
             at::native::cpublas::brgemm(
-                m, cols, prep.k, prep.a.stride(1), nb, nb, false,
+                m, cols, prep.k, lda, nb, nb, false,
                 reinterpret_cast<const unsigned char*>(a_tile),
                 reinterpret_cast<const signed char*>(bt) + j0 * 4, istrip.get() + j0, true);
           } else {
             at::native::cpublas::brgemm(
-                m, cols, prep.k, prep.a.stride(1), nb, nb, false,
+                m, cols, prep.k, lda, nb, nb, false,
                 reinterpret_cast<const at::BFloat16*>(a_tile),
                 reinterpret_cast<const at::BFloat16*>(bt) + j0 * 2, strip.get() + j0, true);
           }
@@ -367,7 +376,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
 
   // (1) + (2): the best B match of every A token. Non-finite metric rows are an error even
   // when r == 0, so that the op's contract does not depend on r.
-  const auto prep = prepare_metric(metric, first_pass(), r > 0 && n > 1 && metric.size(2) > 0);
+  auto prep = prepare_metric(metric, first_pass(), r > 0 && n > 1 && metric.size(2) > 0);
   std::vector<float> node_max(bsz * na);
   std::vector<int64_t> node_idx(bsz * na);
   if (r > 0) best_matches(metric, prep, node_max.data(), node_idx.data(), protect_first);
