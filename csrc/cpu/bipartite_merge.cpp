@@ -47,6 +47,19 @@ double element_as_double(at::ScalarType dtype, const char* row, int64_t c) {
   }
 }
 
+// Rows per task when each of bsz samples splits its `rows` into blocks of at most max_rows:
+// with few blocks, a size that gives every thread the same number of them (ATen's pool hands
+// each thread one contiguous range of tasks: 23 blocks on 2 threads would leave one thread
+// idle for 1/23 of the time).
+int64_t balanced_block(int64_t bsz, int64_t rows, int64_t max_rows) {
+  const int64_t threads = at::get_num_threads();
+  int64_t blocks = (rows + max_rows - 1) / max_rows;
+  if (bsz * blocks < 8 * threads) {
+    while ((bsz * blocks) % threads != 0 && blocks < rows) ++blocks;
+  }
+  return std::max<int64_t>(1, (rows + blocks - 1) / blocks);
+}
+
 // The approximate GEMM that scores every pair before the exact re-score of near-best pairs.
 // int8: products are exact integers and VNNI runs them at twice the bfloat16 rate, and four
 // times float32. Without VNNI, oneDNN's u8 x s8 kernels may saturate 16-bit partial sums, so
@@ -160,17 +173,17 @@ PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gem
   const auto transpose = MMFAST_PICK_ISA(transpose32);
   const char* base = static_cast<const char*>(metric.const_data_ptr());
   const int64_t esize = metric.element_size();
-  // A task: 64 rows of one sample (64 B rows with `gemm`). B rows are rounded into a buffer
-  // that stays in cache and transposed from there into bt.
-  constexpr int64_t kRows = 64;
+  // A task: a block of up to 64 rows of one sample (B rows only with `gemm`). B rows are
+  // rounded into a buffer that stays in cache and transposed from there into bt.
   const int64_t rows = gemm ? nb : n;
-  const int64_t blocks = (rows + kRows - 1) / kRows;
+  const int64_t block = balanced_block(bsz, rows, 64);
+  const int64_t blocks = (rows + block - 1) / block;
   at::parallel_for(0, bsz * blocks, 1, [&](int64_t t0, int64_t t1) {
     const auto buffer =
-        std::make_unique_for_overwrite<char[]>(out.copy ? kRows * out.k * out.op_size : 0);
+        std::make_unique_for_overwrite<char[]>(out.copy ? block * out.k * out.op_size : 0);
     for (int64_t task = t0; task < t1; ++task) {
-      const int64_t b = task / blocks, r0 = (task % blocks) * kRows;
-      const int64_t count = std::min(kRows, rows - r0);
+      const int64_t b = task / blocks, r0 = (task % blocks) * block;
+      const int64_t count = std::min(block, rows - r0);
       for (int64_t q = 0; q < count; ++q) {
         prepare_row(metric, out, b, gemm ? 2 * (r0 + q) + 1 : r0 + q,
                     out.copy ? buffer.get() + q * out.k * out.op_size : nullptr);
@@ -244,7 +257,8 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
     const auto offset_b_all = int8 ? prep.q_offset.slice(1, 1, n, 2).contiguous()
                                    : at::Tensor();
     const float* step = int8 ? prep.step.const_data_ptr<float>() : nullptr;
-    const int64_t tiles = (na + kTileA - 1) / kTileA;
+    const int64_t tile_rows = balanced_block(bsz, na, kTileA);
+    const int64_t tiles = (na + tile_rows - 1) / tile_rows;
     const auto dot = MMFAST_PICK_ISA(row_dot);
     const auto scale_max = MMFAST_PICK_ISA(scale_and_max);
     const auto int_scale_max = MMFAST_PICK_ISA(int_scale_and_max);
@@ -265,8 +279,8 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
       const auto istrip = std::make_unique_for_overwrite<int32_t[]>(int8 ? kTileA * nb : 0);
       std::vector<int64_t> candidates(nb);
       for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / tiles, i0 = (t % tiles) * kTileA;
-        const int64_t m = std::min(kTileA, na - i0);
+        const int64_t b = t / tiles, i0 = (t % tiles) * tile_rows;
+        const int64_t m = std::min(tile_rows, na - i0);
         const float* inv_b = inv_b_all.const_data_ptr<float>() + b * nb;
         for (int64_t i = 0; i < m; ++i) {
           prepare_row(metric, prep, b, 2 * (i0 + i),
