@@ -289,13 +289,15 @@ def test_outlier_channels_keep_the_exact_choice(dtype):
 @pytest.mark.parametrize("isa", ["default", "avx2"])
 def test_each_isa_build(isa):
     """The generic and AVX2 builds of the row loops (forced by MMFAST_CPU_ISA) make the same
-    choice and values as the reference; the rest of the suite runs the best build."""
+    choice and values as the reference; the rest of the suite runs the best build. These
+    builds shortlist with a bfloat16 GEMM (the AVX512 build with int8 where the CPU has
+    VNNI): on a rounded copy (odd Cm), or reading a bfloat16 metric in place (even Cm)."""
     code = (
         "import torch, mmfast\n"
         f"assert mmfast.cpu_isa() == '{isa}', mmfast.cpu_isa()\n"
         "torch.manual_seed(0)\n"
-        "for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
-        "  x = torch.randn(2, 301, 37, dtype=dt); m = torch.randn(2, 301, 45, dtype=dt)\n"
+        "for dt, cm in [(d, c) for d in (torch.float32, torch.bfloat16, torch.float16) for c in (45, 64)]:\n"
+        "  x = torch.randn(2, 301, 37, dtype=dt); m = torch.randn(2, 301, cm, dtype=dt)\n"
         "  s = torch.rand(2, 301) + 0.5\n"
         "  out, size, dest = mmfast.ops.bipartite_merge(x, m, 120, size=s)\n"
         "  ref, rsize, rdest = mmfast.reference.bipartite_merge(x.double(), m, 120, size=s)\n"
@@ -306,7 +308,13 @@ def test_each_isa_build(isa):
         "  dx = torch.ops.mmfast.bipartite_merge_backward(g, dest, s, size)\n"
         "  want = g.double().gather(1, dest[..., None].expand(-1, -1, 37)) * (s / size.gather(1, dest))[..., None]\n"
         "  assert torch.allclose(dx.double(), want, atol=tol, rtol=tol), dt\n"
+        "from tests.ops import test_bipartite_merge as t\n"
+        "t.test_near_ties_below_bfloat16_resolution()\n"
+        "for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
+        "  t.test_outlier_channels_keep_the_exact_choice(dt)\n"
     )
     env = dict(os.environ, MMFAST_CPU_ISA=isa)
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
