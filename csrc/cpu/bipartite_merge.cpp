@@ -66,8 +66,11 @@ int64_t balanced_block(int64_t bsz, int64_t rows, int64_t max_rows) {
 // bfloat16 is used there (and in the AVX2/generic builds, which lets the tests run both).
 enum class FirstPass { kInt8, kBFloat16 };
 
-FirstPass first_pass() {
-  return active_isa() == Isa::AVX512 && at::cpu::is_avx512_vnni_supported()
+// Up to 65536 columns, the int32 sums of u8 x s8 products (|each| <= 255 * 127) cannot
+// overflow.
+FirstPass first_pass(int64_t columns) {
+  return active_isa() == Isa::AVX512 && at::cpu::is_avx512_vnni_supported() &&
+                 columns <= 65536
              ? FirstPass::kInt8
              : FirstPass::kBFloat16;
 }
@@ -100,6 +103,18 @@ struct PreparedMetric {
                         // adds this to every product with B row
 };
 
+// Rows are read every other one (A or B tokens) or in an order known just before (the exact
+// re-scores): the hardware prefetcher misses them, so the next row is fetched while the
+// current one is summed.
+void prefetch(const char* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+}
+
+const char* metric_row(const at::Tensor& metric, int64_t b, int64_t t) {
+  return static_cast<const char*>(metric.const_data_ptr()) +
+         (b * metric.stride(0) + t * metric.stride(1)) * metric.element_size();
+}
+
 // Row t of sample b: its statistics, and (with a copy) its rounded row to dst (K' elements).
 void prepare_row(const at::Tensor& metric, PreparedMetric& prep, int64_t b, int64_t t,
                  char* dst) {
@@ -107,8 +122,7 @@ void prepare_row(const at::Tensor& metric, PreparedMetric& prep, int64_t b, int6
   const int64_t flat = b * n + t;
   const auto dtype = metric.scalar_type();
   const int64_t esize = metric.element_size();
-  const char* row = static_cast<const char*>(metric.const_data_ptr()) +
-                    (b * metric.stride(0) + t * metric.stride(1)) * esize;
+  const char* row = metric_row(metric, b, t);
   float residual = 0.0f;
   double ss;
   if (prep.int8) {
@@ -173,6 +187,7 @@ PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gem
   const auto transpose = MMFAST_PICK_ISA(transpose32);
   const char* base = static_cast<const char*>(metric.const_data_ptr());
   const int64_t esize = metric.element_size();
+  const int64_t row_bytes = cm * esize;
   // A task: a block of up to 64 rows of one sample (B rows only with `gemm`). B rows are
   // rounded into a buffer that stays in cache and transposed from there into bt.
   const int64_t rows = gemm ? nb : n;
@@ -185,7 +200,9 @@ PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gem
       const int64_t b = task / blocks, r0 = (task % blocks) * block;
       const int64_t count = std::min(block, rows - r0);
       for (int64_t q = 0; q < count; ++q) {
-        prepare_row(metric, out, b, gemm ? 2 * (r0 + q) + 1 : r0 + q,
+        const auto token = [&](int64_t r) { return gemm ? 2 * r + 1 : r; };
+        if (q + 1 < count) prefetch(metric_row(metric, b, token(r0 + q + 1)), row_bytes);
+        prepare_row(metric, out, b, token(r0 + q),
                     out.copy ? buffer.get() + q * out.k * out.op_size : nullptr);
       }
       if (gemm) {
@@ -220,11 +237,6 @@ ScoreBound score_error_bound(int64_t k, double rho_a) {
 
 constexpr int64_t kStripCols = 256;
 
-// The exact re-scores read whole metric rows in an order known just before: fetching the next
-// row while the current one is summed hides most of the cache misses they would cost.
-void prefetch(const char* p, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
-}
 
 // node_max[b, i] = max_j cos(a_i, b_j), node_idx[b, i] = the first j reaching it.
 //
@@ -268,6 +280,7 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
     const char* mbase = static_cast<const char*>(metric.const_data_ptr());
     const char* btbase = static_cast<const char*>(prep.bt.const_data_ptr());
     const int64_t op_size = prep.op_size;
+    const int64_t row_bytes = cm * esize;
     // Without a copy, the bfloat16 GEMM reads the A rows of the metric in place.
     const int64_t lda = prep.copy ? prep.k : 2 * metric.stride(1);
     at::parallel_for(0, bsz * tiles, 1, [&](int64_t t0, int64_t t1) {
@@ -283,6 +296,7 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
         const int64_t m = std::min(tile_rows, na - i0);
         const float* inv_b = inv_b_all.const_data_ptr<float>() + b * nb;
         for (int64_t i = 0; i < m; ++i) {
+          if (i + 1 < m) prefetch(metric_row(metric, b, 2 * (i0 + i + 1)), row_bytes);
           prepare_row(metric, prep, b, 2 * (i0 + i),
                       prep.copy ? a_rows.get() + i * prep.k * op_size : nullptr);
         }
@@ -305,10 +319,8 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
           }
         }
         const char* mb = mbase + b * metric.stride(0) * esize;
-        const int64_t row_bytes = cm * esize;
         for (int64_t i = 0; i < m; ++i) {
           const int64_t tok_a = 2 * (i0 + i);
-          if (i + 1 < m) prefetch(mb + (tok_a + 2) * metric.stride(1) * esize, row_bytes);
           const float inv_a = inv[b * n + tok_a];
           float* s = strip.get() + (int8 ? 0 : i * nb);
           float best = -INFINITY;
@@ -390,7 +402,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
 
   // (1) + (2): the best B match of every A token. Non-finite metric rows are an error even
   // when r == 0, so that the op's contract does not depend on r.
-  auto prep = prepare_metric(metric, first_pass(), r > 0 && n > 1 && metric.size(2) > 0);
+  const int64_t cm = metric.size(2);
+  auto prep = prepare_metric(metric, first_pass(cm), r > 0 && n > 1 && cm > 0);
   std::vector<float> node_max(bsz * na);
   std::vector<int64_t> node_idx(bsz * na);
   if (r > 0) best_matches(metric, prep, node_max.data(), node_idx.data(), protect_first);

@@ -54,7 +54,7 @@ MMFAST_DECLARE_ISA_KERNEL(
 // byte q[c] ^ flip (flip = 0x80 gives the unsigned q + 128 of VNNI's u8 operand, 0 the signed
 // q); *step_out = step, *residual_sumsq = sum_c (src[c] - q[c] step)^2, *q_sum = sum_c q[c].
 // A row whose largest magnitude is below 1e-30 or not finite gives q = 0, step = 0 and
-// residual = the row's sum of squares.
+// residual = the row's sum of squares. n <= 65536 (q_sum is summed in float32, exactly).
 MMFAST_DECLARE_ISA_KERNEL(
     float row_sumsq_to_int8(c10::ScalarType dtype, const void* src, int64_t n, uint8_t* dst,
                             uint8_t flip, float* step_out, float* residual_sumsq,
