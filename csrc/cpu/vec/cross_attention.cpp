@@ -337,6 +337,8 @@ inline void tile_delta(const float* dout, int64_t ld_do, const T* out, int64_t l
 // once per query tile, in cache. Tiles are key-major (row n = one key, columns = the queries of
 // the tile), so no tile of P or dS is ever transposed:
 //   Sᵀ = K Qᵀ,  dPᵀ = V dOᵀ,  dV += Pᵀ dO,  dK += dSᵀ Q,  dQᵀ += Kᵀ dSᵀ.
+// The first product into an accumulator overwrites it, so nothing is zero-filled up front; float32
+// dK/dV accumulate in dk/dv themselves.
 template <typename T>
 void backward_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
   const XattnProblem& p = a.p;
@@ -346,7 +348,8 @@ void backward_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
   const int64_t ntasks = p.B * p.Hk;
   constexpr bool kFloat = std::is_same_v<T, float>;
   std::vector<float> Kf(kFloat ? 0 : Lk * D), Vf(kFloat ? 0 : Lk * D), Kt(D * Lk);
-  std::vector<float> dK(Lk * D), dV(Lk * D);
+  std::vector<float> dK(kFloat ? 0 : Lk * D), dV(kFloat ? 0 : Lk * D);
+  std::vector<char> kb_written(nkb);
   std::vector<float> Qf(kFloat ? 0 : BM * D), dOf(kFloat ? 0 : BM * D), orow(kFloat ? 0 : D);
   std::vector<float> Qt(D * BM), dOt(D * BM), dQt(D * BM), dQ(kFloat ? 0 : BM * D);
   std::vector<float> St(BN * BM), dPt(BN * BM), lse(BM), delta(BM);
@@ -367,17 +370,20 @@ void backward_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
       }
       transpose_block(kf + j0 * ld_k, ld_k, Kt.data() + j0, Lk, N, D);
     }
-    std::fill(dK.begin(), dK.end(), 0.f);
-    std::fill(dV.begin(), dV.end(), 0.f);
+    const int64_t kv_row = (b * Lk * p.Hk + hk) * D;  // of key 0 of the task in dk/dv
+    float* dk_acc = kFloat ? reinterpret_cast<float*>(a.dk) + kv_row : dK.data();
+    float* dv_acc = kFloat ? reinterpret_cast<float*>(a.dv) + kv_row : dV.data();
+    const int64_t ld_acc = kFloat ? p.Hk * D : D;
+    std::fill(kb_written.begin(), kb_written.end(), 0);
     for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
       for (int64_t qt = 0; qt < nqt; ++qt) {
         const int64_t i0 = qt * BM, M = std::min(BM, Lq - i0);
         const float qlo = p.q_tile_lo[b * nqt + qt], qhi = p.q_tile_hi[b * nqt + qt];
         const int64_t row = (b * Lq + i0) * p.Hq + h;  // of the tile's first query in dq
-        std::fill(dQt.begin(), dQt.end(), 0.f);
         const float* qf = nullptr;
         const float* dof = nullptr;
         int64_t ld_q = 0, ld_do = 0;
+        bool tile_written = false;
         for (int64_t kb = 0; kb < nkb; ++kb) {
           const Rel rel = classify(p.immediate, qlo, qhi, p.kblk[b * nkb + kb]);
           if (rel == Rel::Skip) continue;
@@ -404,10 +410,14 @@ void backward_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
             prob_row<true>(St.data() + n * BM, dPt.data() + n * BM, M, p.scale, p.immediate,
                            nullptr, kc[n], qc, 0.f, lse.data(), 0.f, delta.data(), 0.f);
           }
-          gemm<float>(N, D, M, St.data(), BM, dof, ld_do, dV.data() + j0 * D, D, true);
-          gemm<float>(N, D, M, dPt.data(), BM, qf, ld_q, dK.data() + j0 * D, D, true);
-          gemm<float>(D, M, N, Kt.data() + j0, Lk, dPt.data(), BM, dQt.data(), BM, true);
+          const bool add_kv = kb_written[kb] != 0;
+          gemm<float>(N, D, M, St.data(), BM, dof, ld_do, dv_acc + j0 * ld_acc, ld_acc, add_kv);
+          gemm<float>(N, D, M, dPt.data(), BM, qf, ld_q, dk_acc + j0 * ld_acc, ld_acc, add_kv);
+          gemm<float>(D, M, N, Kt.data() + j0, Lk, dPt.data(), BM, dQt.data(), BM, tile_written);
+          kb_written[kb] = 1;
+          tile_written = true;
         }
+        if (!tile_written) std::fill(dQt.begin(), dQt.end(), 0.f);
         T* dq = static_cast<T*>(a.dq) + row * D;
         if constexpr (kFloat) {
           transpose_block(dQt.data(), BM, dq, p.Hq * D, D, M);
@@ -417,10 +427,19 @@ void backward_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
         }
       }
     }
-    for (int64_t j = 0; j < Lk; ++j) {
-      const int64_t row = ((b * Lk + j) * p.Hk + hk) * D;
-      store_row(dK.data() + j * D, static_cast<T*>(a.dk) + row, D);
-      store_row(dV.data() + j * D, static_cast<T*>(a.dv) + row, D);
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      if (kFloat && kb_written[kb]) continue;
+      for (int64_t j = kb * BN; j < std::min(Lk, (kb + 1) * BN); ++j) {
+        T* dk = static_cast<T*>(a.dk) + kv_row + j * p.Hk * D;
+        T* dv = static_cast<T*>(a.dv) + kv_row + j * p.Hk * D;
+        if (!kb_written[kb]) {  // no query attends these keys
+          std::fill(dk, dk + D, T(0));
+          std::fill(dv, dv + D, T(0));
+        } else {
+          store_row(dK.data() + j * D, dk, D);
+          store_row(dV.data() + j * D, dv, D);
+        }
+      }
     }
   }
 }
