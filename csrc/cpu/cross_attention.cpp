@@ -54,14 +54,13 @@ void run_tasks(const F& work) {
 }
 
 // A [B, L, H, D] input widened to float32 in one pass: rows [B, L, H, D] (when wanted) and the
-// transposed [B, H, D, L] operand of the tile GEMMs. With `other`, also delta (see
-// XattnWidenArgs). ATen's strided copy of a permuted view is several times slower than this.
+// transposed [B, H, D, L] operand of the tile GEMMs. ATen's strided copy of a permuted view is
+// several times slower than this.
 struct Widened {
-  at::Tensor rows, cols, delta;
+  at::Tensor rows, cols;
 };
 
-Widened widen(const at::Tensor& t_in, bool want_rows, const at::Tensor* other = nullptr,
-              const at::Tensor* grad_lse = nullptr) {
+Widened widen(const at::Tensor& t_in, bool want_rows) {
   const auto t = gemm_ready(t_in);
   const int64_t B = t.size(0), L = t.size(1), H = t.size(2), D = t.size(3);
   const auto f32 = t.options().dtype(at::kFloat);
@@ -70,22 +69,10 @@ Widened widen(const at::Tensor& t_in, bool want_rows, const at::Tensor* other = 
   const bool own_rows = want_rows && t.scalar_type() == at::kFloat && t.is_contiguous();
   w.rows = own_rows ? t : want_rows ? at::empty({B, L, H, D}, f32) : at::Tensor();
   w.cols = at::empty({B, H, D, L}, f32);
-  XattnWidenArgs a{t.scalar_type(), t.const_data_ptr(), B, L, H, D, t.stride(0), row_stride(t),
-                   t.stride(2),
-                   want_rows && !own_rows ? w.rows.mutable_data_ptr<float>() : nullptr,
-                   w.cols.mutable_data_ptr<float>(), nullptr, 0, 0, 0, nullptr, nullptr};
-  at::Tensor o, gl;
-  if (other != nullptr) {
-    o = gemm_ready(*other);
-    w.delta = at::empty({B, H, L}, f32);
-    a.other = o.const_data_ptr();
-    a.ob = o.stride(0); a.ol = row_stride(o); a.oh = o.stride(2);
-    a.delta = w.delta.mutable_data_ptr<float>();
-    if (grad_lse != nullptr) {
-      gl = grad_lse->to(at::kFloat).contiguous();
-      a.grad_lse = gl.const_data_ptr<float>();
-    }
-  }
+  const XattnWidenArgs a{t.scalar_type(), t.const_data_ptr(), B, L, H, D, t.stride(0),
+                         row_stride(t), t.stride(2),
+                         want_rows && !own_rows ? w.rows.mutable_data_ptr<float>() : nullptr,
+                         w.cols.mutable_data_ptr<float>()};
   if (t.numel() == 0) return w;
   run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_widen_tasks)(a, next); });
   return w;
@@ -178,7 +165,7 @@ MaskPlan plan_mask(const char* op, int64_t B, int64_t Lq, int64_t Lk, bool immed
 }
 
 XattnProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Tensor* v,
-                          const at::Tensor* kt, const MaskPlan& m, double scale) {
+                          const MaskPlan& m, double scale) {
   XattnProblem p{};
   p.dtype = q.scalar_type();
   p.B = q.size(0); p.Lq = q.size(1); p.Hq = q.size(2); p.D = q.size(3);
@@ -195,7 +182,6 @@ XattnProblem make_problem(const at::Tensor& q, const at::Tensor& k, const at::Te
   if (v != nullptr) {
     p.v = v->const_data_ptr(); p.v_sb = v->stride(0); p.v_sl = row_stride(*v); p.v_sh = v->stride(2);
   }
-  p.kt = kt != nullptr ? kt->const_data_ptr() : nullptr;
   return p;
 }
 
@@ -217,7 +203,7 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
   auto out = at::empty({B, Lq, Hq, D}, q.options());
   auto lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse.fill_(-kInf)};
-  XattnForwardArgs a{make_problem(q, k, &v, nullptr, m, resolve_scale(scale, D)), true,
+  XattnForwardArgs a{make_problem(q, k, &v, m, resolve_scale(scale, D)), true,
                      out.mutable_data_ptr(), lse.mutable_data_ptr<float>()};
   run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_forward_tasks)(a, next); });
   return {out, lse};
@@ -244,27 +230,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> cross_attention_backward_cpu(
                       lse.sizes(), ", got ", grad_lse->sizes());
   }
   const int64_t Lk = k_in.size(1), Hk = k_in.size(2);
-  const auto dtype = q_in.scalar_type();
   auto dq = at::empty({B, Lq, Hq, D}, q_in.options());
   auto dk = at::empty({B, Lk, Hk, D}, q_in.options());
   auto dv = at::empty({B, Lk, Hk, D}, q_in.options());
   if (q_in.numel() == 0 || k_in.numel() == 0) return {dq.zero_(), dk.zero_(), dv.zero_()};
   const MaskPlan m = plan_mask(op, B, Lq, Lk, immediate, kv_lens, q_media, kv_media);
-  // The backward kernels read float32: every input is widened once here, together with its
-  // transposed copy (see forward_impl for why the tile GEMMs are float32 on CPUs without AMX).
-  // delta_i = sum_d dO_id O_id - grad_lse_i: d(loss)/d(s_ij) = P_ij (dP_ij - delta_i).
-  const at::Tensor* glse = grad_lse.has_value() ? &*grad_lse : nullptr;
-  const Widened q = widen(q_in, true), k = widen(k_in, true), v = widen(v_in, true);
-  const Widened dout = widen(grad_out, true, &out, glse);
+  const auto q = gemm_ready(q_in), k = gemm_ready(k_in), v = gemm_ready(v_in);
+  const auto o = gemm_ready(out), dout = gemm_ready(grad_out);
   const auto lse_c = lse.contiguous();
-  XattnProblem p = make_problem(q.rows, k.rows, &v.rows, &k.cols, m, scale);
-  p.dtype = at::kFloat;
-  XattnBackwardArgs a{p, v.cols.const_data_ptr(), q.cols.const_data_ptr(),
-                      dout.rows.const_data_ptr(), dout.cols.const_data_ptr(),
-                      lse_c.const_data_ptr<float>(), dout.delta.const_data_ptr<float>(), dtype,
-                      dq.mutable_data_ptr(), dk.mutable_data_ptr(), dv.mutable_data_ptr()};
-  run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_backward_dq_tasks)(a, next); });
-  run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_backward_dkdv_tasks)(a, next); });
+  at::Tensor glse;
+  if (grad_lse.has_value()) glse = grad_lse->to(at::kFloat).contiguous();
+  const XattnBackwardArgs a{make_problem(q, k, &v, m, scale),
+                            o.const_data_ptr(), o.stride(0), row_stride(o), o.stride(2),
+                            dout.const_data_ptr(), dout.stride(0), row_stride(dout),
+                            dout.stride(2), lse_c.const_data_ptr<float>(),
+                            glse.defined() ? glse.const_data_ptr<float>() : nullptr,
+                            dq.mutable_data_ptr(), dk.mutable_data_ptr(), dv.mutable_data_ptr()};
+  run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_backward_tasks)(a, next); });
   return {dq, dk, dv};
 }
 
@@ -285,7 +267,7 @@ at::Tensor key_attention_mass_cpu(const at::Tensor& q_in, const at::Tensor& k_in
   // float32 operands, as in the backward.
   const Widened q = widen(q_in, true), k = widen(k_in, true);
   const auto& qt = q.cols;
-  XattnProblem p = make_problem(q.rows, k.rows, nullptr, nullptr, m, resolve_scale(scale, D));
+  XattnProblem p = make_problem(q.rows, k.rows, nullptr, m, resolve_scale(scale, D));
   p.dtype = at::kFloat;
   // Two passes: the row statistics (lse) first, then per key block the probabilities it gets.
   const XattnForwardArgs stats{p, false, nullptr, lse.mutable_data_ptr<float>()};

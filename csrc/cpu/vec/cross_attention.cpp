@@ -3,8 +3,8 @@
 // Forward, per task (b, h, query tile of M rows), over the key blocks the tile may attend:
 //   S = Q Kᵀ (tile GEMM)  ->  masked, scaled, online softmax in float32  ->  O += P V (GEMM)
 // Backward recomputes P from the saved lse: P = exp(S·scale - lse), dS = P ∘ (dP - delta)·scale
-// with dP = dO Vᵀ and delta = rowsum(dO ∘ O) - grad_lse; dq over query tiles, dk/dv over key
-// blocks, so no two tasks write the same output. Tile GEMMs go through ATen's cpublas::brgemm
+// with dP = dO Vᵀ and delta = rowsum(dO ∘ O) - grad_lse; one task per key head computes dq of
+// its query heads and dk/dv, so no two tasks write the same output. Tile GEMMs go through ATen's cpublas::brgemm
 // (float32 accumulation whatever the input type).
 #include "cpu/vec/cross_attention.h"
 #include "cpu/vec/dispatch.h"
@@ -293,103 +293,159 @@ inline void safe_lse(const float* lse, int64_t n, float* out) {
   for (int64_t i = 0; i < n; ++i) out[i] = std::isinf(lse[i]) ? kInf : lse[i];
 }
 
-// Backward and key mass take float32 tensors (the caller widens 16-bit inputs once).
-using T = float;
+// Float32 rows of a [rows, cols] block of T (leading dimension ld): the block itself when T is
+// float32 (ld_out = ld), else its copy widened into buf (ld_out = cols).
+template <typename T>
+inline const float* float_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, float* buf,
+                               int64_t& ld_out) {
+  if constexpr (std::is_same_v<T, float>) {
+    ld_out = ld;
+    return src;
+  } else {
+    load_rows(src, ld, rows, cols, buf);
+    ld_out = cols;
+    return buf;
+  }
+}
 
-template <typename Out>
-void dq_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
+// delta_r = sum_d dO_rd O_rd - grad_lse_r for the M rows of a query tile (glse may be null):
+// d(loss)/d(s_ij) = P_ij (dP_ij - delta_i).
+template <typename T>
+inline void tile_delta(const float* dout, int64_t ld_do, const T* out, int64_t ld_o, int64_t M,
+                       int64_t D, const float* glse, float* orow, float* delta) {
+  for (int64_t r = 0; r < M; ++r) {
+    const float* o = reinterpret_cast<const float*>(out + r * ld_o);
+    if constexpr (!std::is_same_v<T, float>) {
+      at::vec::convert(out + r * ld_o, orow, D);
+      o = orow;
+    }
+    const float* g = dout + r * ld_do;
+    fVec acc(0.f);
+    int64_t d = 0;
+    for (; d + W <= D; d += W) acc = at::vec::fmadd(fVec::loadu(g + d), fVec::loadu(o + d), acc);
+    float dot = hsum(acc);
+    for (; d < D; ++d) dot += g[d] * o[d];
+    delta[r] = dot - (glse != nullptr ? glse[r] : 0.f);
+  }
+}
+
+// Backward, tasks (b, hk). Each (query head of the group, query tile, key block) pair the mask
+// allows is visited once, so S and dP are computed once: 5 tile GEMMs per pair, where separate
+// dq and dk/dv passes recompute both. The task owns dq of its query heads and dk/dv of its key
+// head, so no two tasks write the same output (deterministic without atomics). K, Kᵀ, V and the
+// dK/dV accumulators of the task stay in float32 scratch; Q and dO are widened and transposed
+// once per query tile, in cache. Tiles are key-major (row n = one key, columns = the queries of
+// the tile), so no tile of P or dS is ever transposed:
+//   Sᵀ = K Qᵀ,  dPᵀ = V dOᵀ,  dV += Pᵀ dO,  dK += dSᵀ Q,  dQᵀ += Kᵀ dSᵀ.
+// The first product into an accumulator overwrites it, so nothing is zero-filled up front; float32
+// dK/dV accumulate in dk/dv themselves.
+template <typename T>
+void backward_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
   const XattnProblem& p = a.p;
-  const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
-  const int64_t nqt = ceil_div(p.Lq, BM), nkb = ceil_div(p.Lk, BN);
+  const int64_t BM = p.block_m, BN = p.block_n, D = p.D, Lq = p.Lq, Lk = p.Lk;
+  const int64_t nqt = ceil_div(Lq, BM), nkb = ceil_div(Lk, BN);
   const int64_t group = p.Hq / p.Hk;
-  const int64_t ntasks = p.B * p.Hq * nqt;
-  const int64_t ld_do = p.Hq * D;
-  std::vector<float> S(BM * BN), dP(BM * BN), dQ(BM * D), lse(BM);
+  const int64_t ntasks = p.B * p.Hk;
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  std::vector<float> Kf(kFloat ? 0 : Lk * D), Vf(kFloat ? 0 : Lk * D), Kt(D * Lk);
+  std::vector<float> dK(kFloat ? 0 : Lk * D), dV(kFloat ? 0 : Lk * D);
+  std::vector<char> kb_written(nkb);
+  std::vector<float> Qf(kFloat ? 0 : BM * D), dOf(kFloat ? 0 : BM * D), orow(kFloat ? 0 : D);
+  std::vector<float> Qt(D * BM), dOt(D * BM), dQt(D * BM), dQ(kFloat ? 0 : BM * D);
+  std::vector<float> St(BN * BM), dPt(BN * BM), lse(BM), delta(BM);
   for (int64_t t; (t = next->fetch_add(1)) < ntasks;) {
-    const int64_t qt = t % nqt, h = (t / nqt) % p.Hq, b = t / (nqt * p.Hq);
-    const int64_t i0 = qt * BM, M = std::min(BM, p.Lq - i0), hk = h / group;
-    const T* q = ptr<T>(p.q) + b * p.q_sb + i0 * p.q_sl + h * p.q_sh;
-    const T* dout = ptr<T>(a.dout) + (b * p.Lq + i0) * ld_do + h * D;
-    const T* kt = ptr<T>(p.kt) + (b * p.Hk + hk) * D * p.Lk;
-    const T* vt = ptr<T>(a.vt) + (b * p.Hk + hk) * D * p.Lk;
+    const int64_t hk = t % p.Hk, b = t / p.Hk;
     const T* k = ptr<T>(p.k) + b * p.k_sb + hk * p.k_sh;
-    const float* qc = p.qcode + b * p.Lq + i0;
-    const float* delta = a.delta + (b * p.Hq + h) * p.Lq + i0;
-    safe_lse(a.lse + (b * p.Hq + h) * p.Lq + i0, M, lse.data());
-    const float qlo = p.q_tile_lo[b * nqt + qt], qhi = p.q_tile_hi[b * nqt + qt];
-    std::fill(dQ.begin(), dQ.begin() + M * D, 0.f);
+    const T* v = ptr<T>(p.v) + b * p.v_sb + hk * p.v_sh;
+    // 16-bit K and V are widened into Kf / Vf, with rows D apart.
+    const float* kf = kFloat ? reinterpret_cast<const float*>(k) : Kf.data();
+    const float* vf = kFloat ? reinterpret_cast<const float*>(v) : Vf.data();
+    const int64_t ld_k = kFloat ? p.k_sl : D, ld_v = kFloat ? p.v_sl : D;
     for (int64_t kb = 0; kb < nkb; ++kb) {
-      const Rel rel = classify(p.immediate, qlo, qhi, p.kblk[b * nkb + kb]);
-      if (rel == Rel::Skip) continue;
-      const int64_t j0 = kb * BN, N = std::min(BN, p.Lk - j0);
-      gemm<T>(M, N, D, q, p.q_sl, kt + j0, p.Lk, S.data(), BN, false);
-      gemm<T>(M, N, D, dout, ld_do, vt + j0, p.Lk, dP.data(), BN, false);
-      const float* kc = rel == Rel::Partial ? p.kcode + b * p.Lk + j0 : nullptr;
-      for (int64_t r = 0; r < M; ++r) {
-        float* dprow = dP.data() + r * BN;
-        prob_row<false>(S.data() + r * BN, dprow, N, p.scale, p.immediate, kc, 0.f, nullptr,
-                        qc[r], nullptr, lse[r], nullptr, delta[r]);
+      if (!p.kblk[b * nkb + kb].any_valid) continue;  // no query attends it: never read
+      const int64_t j0 = kb * BN, N = std::min(BN, Lk - j0);
+      if constexpr (!kFloat) {
+        load_rows(k + j0 * p.k_sl, p.k_sl, N, D, Kf.data() + j0 * D);
+        load_rows(v + j0 * p.v_sl, p.v_sl, N, D, Vf.data() + j0 * D);
       }
-      gemm<T>(M, D, N, dP.data(), BN, k + j0 * p.k_sl, p.k_sl, dQ.data(), D, true);
+      transpose_block(kf + j0 * ld_k, ld_k, Kt.data() + j0, Lk, N, D);
     }
-    for (int64_t r = 0; r < M; ++r) {
-      store_row(dQ.data() + r * D, static_cast<Out*>(a.dq) + ((b * p.Lq + i0 + r) * p.Hq + h) * D, D);
+    const int64_t kv_row = (b * Lk * p.Hk + hk) * D;  // of key 0 of the task in dk/dv
+    float* dk_acc = kFloat ? reinterpret_cast<float*>(a.dk) + kv_row : dK.data();
+    float* dv_acc = kFloat ? reinterpret_cast<float*>(a.dv) + kv_row : dV.data();
+    const int64_t ld_acc = kFloat ? p.Hk * D : D;
+    std::fill(kb_written.begin(), kb_written.end(), 0);
+    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+      for (int64_t qt = 0; qt < nqt; ++qt) {
+        const int64_t i0 = qt * BM, M = std::min(BM, Lq - i0);
+        const float qlo = p.q_tile_lo[b * nqt + qt], qhi = p.q_tile_hi[b * nqt + qt];
+        const int64_t row = (b * Lq + i0) * p.Hq + h;  // of the tile's first query in dq
+        const float* qf = nullptr;
+        const float* dof = nullptr;
+        int64_t ld_q = 0, ld_do = 0;
+        bool tile_written = false;
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+          const Rel rel = classify(p.immediate, qlo, qhi, p.kblk[b * nkb + kb]);
+          if (rel == Rel::Skip) continue;
+          if (qf == nullptr) {  // first allowed block of this tile
+            const T* q = ptr<T>(p.q) + b * p.q_sb + i0 * p.q_sl + h * p.q_sh;
+            const T* dout = ptr<T>(a.dout) + b * a.do_sb + i0 * a.do_sl + h * a.do_sh;
+            const T* out = ptr<T>(a.out) + b * a.o_sb + i0 * a.o_sl + h * a.o_sh;
+            qf = float_rows(q, p.q_sl, M, D, Qf.data(), ld_q);
+            dof = float_rows(dout, a.do_sl, M, D, dOf.data(), ld_do);
+            transpose_block(qf, ld_q, Qt.data(), BM, M, D);
+            transpose_block(dof, ld_do, dOt.data(), BM, M, D);
+            const int64_t stat = (b * p.Hq + h) * Lq + i0;
+            safe_lse(a.lse + stat, M, lse.data());
+            tile_delta(dof, ld_do, out, a.o_sl, M, D,
+                       a.grad_lse != nullptr ? a.grad_lse + stat : nullptr, orow.data(),
+                       delta.data());
+          }
+          const int64_t j0 = kb * BN, N = std::min(BN, Lk - j0);
+          gemm<float>(N, M, D, kf + j0 * ld_k, ld_k, Qt.data(), BM, St.data(), BM, false);
+          gemm<float>(N, M, D, vf + j0 * ld_v, ld_v, dOt.data(), BM, dPt.data(), BM, false);
+          const float* kc = p.kcode + b * Lk + j0;
+          const float* qc = rel == Rel::Partial ? p.qcode + b * Lq + i0 : nullptr;
+          for (int64_t n = 0; n < N; ++n) {
+            prob_row<true>(St.data() + n * BM, dPt.data() + n * BM, M, p.scale, p.immediate,
+                           nullptr, kc[n], qc, 0.f, lse.data(), 0.f, delta.data(), 0.f);
+          }
+          const bool add_kv = kb_written[kb] != 0;
+          gemm<float>(N, D, M, St.data(), BM, dof, ld_do, dv_acc + j0 * ld_acc, ld_acc, add_kv);
+          gemm<float>(N, D, M, dPt.data(), BM, qf, ld_q, dk_acc + j0 * ld_acc, ld_acc, add_kv);
+          gemm<float>(D, M, N, Kt.data() + j0, Lk, dPt.data(), BM, dQt.data(), BM, tile_written);
+          kb_written[kb] = 1;
+          tile_written = true;
+        }
+        if (!tile_written) std::fill(dQt.begin(), dQt.end(), 0.f);
+        T* dq = static_cast<T*>(a.dq) + row * D;
+        if constexpr (kFloat) {
+          transpose_block(dQt.data(), BM, dq, p.Hq * D, D, M);
+        } else {
+          transpose_block(dQt.data(), BM, dQ.data(), D, D, M);
+          for (int64_t r = 0; r < M; ++r) store_row(dQ.data() + r * D, dq + r * p.Hq * D, D);
+        }
+      }
+    }
+    for (int64_t kb = 0; kb < nkb; ++kb) {
+      if (kFloat && kb_written[kb]) continue;
+      for (int64_t j = kb * BN; j < std::min(Lk, (kb + 1) * BN); ++j) {
+        T* dk = static_cast<T*>(a.dk) + kv_row + j * p.Hk * D;
+        T* dv = static_cast<T*>(a.dv) + kv_row + j * p.Hk * D;
+        if (!kb_written[kb]) {  // no query attends these keys
+          std::fill(dk, dk + D, T(0));
+          std::fill(dv, dv + D, T(0));
+        } else {
+          store_row(dK.data() + j * D, dk, D);
+          store_row(dV.data() + j * D, dv, D);
+        }
+      }
     }
   }
 }
 
-template <typename Out>
-void dkdv_impl(const XattnBackwardArgs& a, std::atomic<int64_t>* next) {
-  const XattnProblem& p = a.p;
-  const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
-  const int64_t nqt = ceil_div(p.Lq, BM), nkb = ceil_div(p.Lk, BN);
-  const int64_t group = p.Hq / p.Hk;
-  const int64_t ntasks = p.B * p.Hk * nkb;
-  const int64_t ld_do = p.Hq * D;
-  // Transposed tiles: row n is one key, columns are the queries of the tile.
-  std::vector<float> St(BN * BM), dPt(BN * BM), dK(BN * D), dV(BN * D), lse(BM);
-  for (int64_t t; (t = next->fetch_add(1)) < ntasks;) {
-    const int64_t kb = t % nkb, hk = (t / nkb) % p.Hk, b = t / (nkb * p.Hk);
-    const int64_t j0 = kb * BN, N = std::min(BN, p.Lk - j0);
-    const T* k = ptr<T>(p.k) + b * p.k_sb + j0 * p.k_sl + hk * p.k_sh;
-    const T* v = ptr<T>(p.v) + b * p.v_sb + j0 * p.v_sl + hk * p.v_sh;
-    const float* kc = p.kcode + b * p.Lk + j0;
-    const KeyBlockSummary& kbs = p.kblk[b * nkb + kb];
-    std::fill(dK.begin(), dK.begin() + N * D, 0.f);
-    std::fill(dV.begin(), dV.begin() + N * D, 0.f);
-    for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-      const T* qt_all = ptr<T>(a.qt) + (b * p.Hq + h) * D * p.Lq;
-      const T* dot_all = ptr<T>(a.doutt) + (b * p.Hq + h) * D * p.Lq;
-      for (int64_t qt = 0; qt < nqt; ++qt) {
-        const Rel rel = classify(p.immediate, p.q_tile_lo[b * nqt + qt], p.q_tile_hi[b * nqt + qt], kbs);
-        if (rel == Rel::Skip) continue;
-        const int64_t i0 = qt * BM, M = std::min(BM, p.Lq - i0);
-        gemm<T>(N, M, D, k, p.k_sl, qt_all + i0, p.Lq, St.data(), BM, false);
-        gemm<T>(N, M, D, v, p.v_sl, dot_all + i0, p.Lq, dPt.data(), BM, false);
-        safe_lse(a.lse + (b * p.Hq + h) * p.Lq + i0, M, lse.data());
-        const float* delta = a.delta + (b * p.Hq + h) * p.Lq + i0;
-        const float* qc = rel == Rel::Partial ? p.qcode + b * p.Lq + i0 : nullptr;
-        for (int64_t n = 0; n < N; ++n) {
-          float* prow = St.data() + n * BM;
-          float* dsrow = dPt.data() + n * BM;
-          prob_row<true>(prow, dsrow, M, p.scale, p.immediate, nullptr, kc[n], qc, 0.f,
-                         lse.data(), 0.f, delta, 0.f);
-        }
-        const T* pt = St.data();
-        const T* dst = dPt.data();
-        const T* dout = ptr<T>(a.dout) + (b * p.Lq + i0) * ld_do + h * D;
-        const T* q = ptr<T>(p.q) + b * p.q_sb + i0 * p.q_sl + h * p.q_sh;
-        gemm<T>(N, D, M, pt, BM, dout, ld_do, dV.data(), D, true);
-        gemm<T>(N, D, M, dst, BM, q, p.q_sl, dK.data(), D, true);
-      }
-    }
-    for (int64_t n = 0; n < N; ++n) {
-      const int64_t row = ((b * p.Lk + j0 + n) * p.Hk + hk) * D;
-      store_row(dK.data() + n * D, static_cast<Out*>(a.dk) + row, D);
-      store_row(dV.data() + n * D, static_cast<Out*>(a.dv) + row, D);
-    }
-  }
-}
+// Key mass takes float32 tensors (the caller widens 16-bit inputs once).
+using T = float;
 
 void mass_impl(const XattnMassArgs& a, std::atomic<int64_t>* next) {
   const XattnProblem& p = a.p;
@@ -428,23 +484,18 @@ template <typename S>
 void widen_impl(const XattnWidenArgs& a, std::atomic<int64_t>* next) {
   constexpr int64_t R = 16;  // rows per piece: the piece stays in L1 between its two writes
   const int64_t D = a.D, L = a.L, H = a.H;
-  std::vector<float> buf(R * D), other(a.other != nullptr ? D : 0);
+  std::vector<float> buf(R * D);
   for (int64_t t; (t = next->fetch_add(1)) < a.B * H;) {
     const int64_t b = t / H, h = t % H;
     const S* src = static_cast<const S*>(a.src) + b * a.sb + h * a.sh;
     for (int64_t l0 = 0; l0 < L; l0 += R) {
       const int64_t n = std::min(R, L - l0);
       load_rows(src + l0 * a.sl, a.sl, n, D, buf.data());
-      for (int64_t r = 0; r < n; ++r) {
-        const float* row = buf.data() + r * D;
-        if (a.rows != nullptr) std::copy(row, row + D, a.rows + ((b * L + l0 + r) * H + h) * D);
-        if (a.other == nullptr) continue;
-        const S* o = static_cast<const S*>(a.other) + b * a.ob + (l0 + r) * a.ol + h * a.oh;
-        load_rows(o, D, 1, D, other.data());
-        float dot = 0.f;
-        for (int64_t d = 0; d < D; ++d) dot += row[d] * other[d];
-        const int64_t i = (b * H + h) * L + l0 + r;
-        a.delta[i] = dot - (a.grad_lse != nullptr ? a.grad_lse[i] : 0.f);
+      if (a.rows != nullptr) {
+        for (int64_t r = 0; r < n; ++r) {
+          std::copy(buf.data() + r * D, buf.data() + (r + 1) * D,
+                    a.rows + ((b * L + l0 + r) * H + h) * D);
+        }
       }
       transpose_block(buf.data(), D, a.cols + t * D * L + l0, L, n, D);
     }
@@ -461,12 +512,8 @@ void xattn_forward_tasks(const XattnForwardArgs& a, std::atomic<int64_t>* next_t
   dispatch_float_types(a.p.dtype, [&](auto tag) { forward_impl<decltype(tag)>(a, next_task); });
 }
 
-void xattn_backward_dq_tasks(const XattnBackwardArgs& a, std::atomic<int64_t>* next_task) {
-  dispatch_float_types(a.out_dtype, [&](auto tag) { dq_impl<decltype(tag)>(a, next_task); });
-}
-
-void xattn_backward_dkdv_tasks(const XattnBackwardArgs& a, std::atomic<int64_t>* next_task) {
-  dispatch_float_types(a.out_dtype, [&](auto tag) { dkdv_impl<decltype(tag)>(a, next_task); });
+void xattn_backward_tasks(const XattnBackwardArgs& a, std::atomic<int64_t>* next_task) {
+  dispatch_float_types(a.p.dtype, [&](auto tag) { backward_impl<decltype(tag)>(a, next_task); });
 }
 
 void xattn_mass_tasks(const XattnMassArgs& a, std::atomic<int64_t>* next_task) {

@@ -42,7 +42,6 @@ struct XattnProblem {
   const void* q; int64_t q_sb, q_sl, q_sh;
   const void* k; int64_t k_sb, k_sl, k_sh;
   const void* v; int64_t v_sb, v_sl, v_sh;
-  const void* kt;              // [B, Hk, D, Lk] K transposed (backward only; null in forward)
 };
 
 struct XattnForwardArgs {
@@ -52,16 +51,13 @@ struct XattnForwardArgs {
   float* lse;                  // [B, Hq, Lq]
 };
 
-// Backward inputs are float32 (widened by xattn_widen_tasks); dq/dk/dv in out_dtype.
+// Backward: p holds q, k, v in their own dtype; out and dout share it, as do dq, dk, dv.
 struct XattnBackwardArgs {
   XattnProblem p;
-  const void* vt;              // [B, Hk, D, Lk] V transposed
-  const void* qt;              // [B, Hq, D, Lq] Q transposed
-  const void* dout;            // [B, Lq, Hq, D] contiguous
-  const void* doutt;           // [B, Hq, D, Lq] dout transposed
+  const void* out; int64_t o_sb, o_sl, o_sh;       // [B, Lq, Hq, D] forward output
+  const void* dout; int64_t do_sb, do_sl, do_sh;   // [B, Lq, Hq, D]
   const float* lse;            // [B, Hq, Lq]
-  const float* delta;          // [B, Hq, Lq] rowsum(dout * out) - grad_lse
-  c10::ScalarType out_dtype;   // of dq, dk, dv
+  const float* grad_lse;       // [B, Hq, Lq], null when lse got no gradient
   void* dq;                    // [B, Lq, Hq, D] contiguous
   void* dk;                    // [B, Lk, Hk, D] contiguous
   void* dv;
@@ -79,17 +75,13 @@ struct XattnMassArgs {
 // One pass over a [B, L, H, D] input (any float dtype, strides in elements, last dim contiguous),
 // tasks (b, h): widened to float32 rows `rows` [B, L, H, D] (null: not wanted) and float32
 // transposed `cols` [B, H, D, L] (the transposed operand of the tile GEMMs: brgemm takes no
-// transpose flag). With `other` (same shape and dtype, e.g. out for dout) also
-// delta[b, h, l] = sum_d src * other - grad_lse[b, h, l] (grad_lse may be null), float32.
+// transpose flag).
 namespace mmfast::cpu {
 struct XattnWidenArgs {
   c10::ScalarType dtype;
   const void* src; int64_t B, L, H, D, sb, sl, sh;
   float* rows;
   float* cols;
-  const void* other; int64_t ob, ol, oh;
-  const float* grad_lse;
-  float* delta;
 };
 }  // namespace mmfast::cpu
 MMFAST_DECLARE_ISA_KERNEL(
@@ -98,14 +90,10 @@ MMFAST_DECLARE_ISA_KERNEL(
 MMFAST_DECLARE_ISA_KERNEL(
     void xattn_forward_tasks(const ::mmfast::cpu::XattnForwardArgs& a,
                              std::atomic<int64_t>* next_task))
-// Tasks (b, hq, query tile): dq.
+// Tasks (b, hk): dq of the group's query heads, dk and dv (see backward_impl).
 MMFAST_DECLARE_ISA_KERNEL(
-    void xattn_backward_dq_tasks(const ::mmfast::cpu::XattnBackwardArgs& a,
-                                 std::atomic<int64_t>* next_task))
-// Tasks (b, hk, key block): dk and dv, summed over the query heads of the group in order.
-MMFAST_DECLARE_ISA_KERNEL(
-    void xattn_backward_dkdv_tasks(const ::mmfast::cpu::XattnBackwardArgs& a,
-                                   std::atomic<int64_t>* next_task))
+    void xattn_backward_tasks(const ::mmfast::cpu::XattnBackwardArgs& a,
+                              std::atomic<int64_t>* next_task))
 // Tasks (b, key block): mass of each key, summed over all query heads and query tiles in order.
 MMFAST_DECLARE_ISA_KERNEL(
     void xattn_mass_tasks(const ::mmfast::cpu::XattnMassArgs& a, std::atomic<int64_t>* next_task))
