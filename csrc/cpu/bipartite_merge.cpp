@@ -262,6 +262,11 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
     const bool int8 = prep.int8;
     const auto rho = prep.rho.const_data_ptr<float>();
     const auto rho_b_all = prep.rho.slice(1, 1, n, 2).contiguous();  // [B, Nb]
+    std::vector<float> rho_b_max(bsz);
+    for (int64_t b = 0; b < bsz; ++b) {
+      const float* r = rho_b_all.const_data_ptr<float>() + b * nb;
+      rho_b_max[b] = *std::max_element(r, r + nb);
+    }
     const auto inv_b_all = inv_norm.slice(1, 1, n, 2).contiguous();  // [B, Nb]
     // int8: what turns q_a . q_b into s~ (per B column), and the offset to take off first.
     const auto scale_b_all = int8 ? at::mul(prep.step.slice(1, 1, n, 2), inv_b_all)
@@ -330,38 +335,59 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
             if (int8) {
               top = int_scale_max(istrip.get() + i * nb,
                                   offset_b_all.const_data_ptr<int32_t>() + b * nb,
-                                  scale_b_all.const_data_ptr<float>() + b * nb, s, nb, &arg);
+                                  scale_b_all.const_data_ptr<float>() + b * nb, s, nb);
               unit = inv_a * step[b * n + tok_a];
             } else {
-              top = scale_max(s, inv_b, nb);
-              // No j reaches a NaN top (bfloat16 products can overflow); the NaN floor then
-              // re-scores all.
-              arg = at_least(s, nullptr, 0.0f, nb, top, candidates.data()) > 0 ? candidates[0]
-                                                                                : 0;
+              top = scale_max(s, inv_b, nb);  // NaN if bfloat16 products overflowed
               unit = inv_a;
             }
-            // The exact score of a j reaching the top is a lower bound of the best one; any
-            // j can still reach it if s~_j >= (exact_top / |a| - e) / u, since its exact score
-            // is at most s~_j u + e.
             const char* row_a = mb + tok_a * metric.stride(1) * esize;
-            const auto row_b = [&](int64_t j) { return mb + (2 * j + 1) * metric.stride(1) * esize; };
+            const auto row_b = [&](int64_t j) {
+              return mb + (2 * j + 1) * metric.stride(1) * esize;
+            };
             const auto exact_score = [&](int64_t j) {
               return dot(dtype, row_a, row_b(j), cm) * inv_b[j];
             };
-            best = exact_score(arg);
-            // In strip units: s~_j + (beta / u) rho_b_j >= (exact_top / |a| - alpha) / u.
+            // An exact score is within e(rho_b) = alpha + beta rho_b (cosine units) of s~ u.
+            // The best exact score is at least that of the top, itself at least
+            // s~_top u - e(rho_max): one pass over the strip shortlists every j with
+            //   s~_j + (beta / u) rho_b_j >= s~_top - (2 alpha + beta rho_max) / u,
+            // which holds every j that could beat or tie it. The exact score of the first j
+            // reaching the top then narrows the list to
+            //   s~_j + (beta / u) rho_b_j >= (exact_top / |a| - alpha) / u.
             const auto e = score_error_bound(cm, rho[b * n + tok_a]);
-            const float floor = std::nextafter(
-                static_cast<float>((static_cast<double>(best) * inv_a - e.alpha) / unit),
-                -INFINITY);
+            const float* slack = rho_b_all.const_data_ptr<float>() + b * nb;
             const float coef = static_cast<float>(e.beta / unit);
+            const float wide = std::nextafter(
+                static_cast<float>(top - (2.0 * e.alpha + e.beta * rho_b_max[b]) / unit),
+                -INFINITY);
+            const bool bounded = !std::isnan(wide) && wide != -INFINITY && std::isfinite(coef);
             int64_t count;
-            if (std::isnan(floor) || floor == -INFINITY || !std::isfinite(coef)) {
-              std::iota(candidates.begin(), candidates.end(), 0);  // no usable bound
+            if (bounded) {
+              count = at_least(s, slack, coef, nb, wide, candidates.data());
+            } else {  // no usable bound: re-score all
+              std::iota(candidates.begin(), candidates.end(), 0);
               count = nb;
-            } else {
-              count = at_least(s, rho_b_all.const_data_ptr<float>() + b * nb, coef, nb, floor,
-                               candidates.data());
+            }
+            arg = candidates[0];
+            for (int64_t c = 0; c < count; ++c) {
+              if (s[candidates[c]] == top) {
+                arg = candidates[c];
+                break;
+              }
+            }
+            best = exact_score(arg);
+            if (bounded) {
+              const float floor = std::nextafter(
+                  static_cast<float>((static_cast<double>(best) * inv_a - e.alpha) / unit),
+                  -INFINITY);
+              int64_t kept = 0;
+              for (int64_t c = 0; c < count; ++c) {
+                const int64_t j = candidates[c];
+                // The same fused multiply-add as the vector pass: the same rounding.
+                if (std::fma(slack[j], coef, s[j]) >= floor) candidates[kept++] = j;
+              }
+              count = kept;
             }
             const int64_t first = arg;
             for (int64_t c = 0; c < count; ++c) {

@@ -249,42 +249,22 @@ float row_sumsq_to_int8(c10::ScalarType dtype, const void* src, int64_t n, uint8
 }
 
 float int_scale_and_max(const int32_t* c, const int32_t* offset, const float* scale, float* s,
-                        int64_t n, int64_t* first) {
+                        int64_t n) {
   using IVec = at::vec::Vectorized<int32_t>;
-  // Per lane: the largest value and the first j where it occurs (strict > keeps the first).
   fVec vmax(-std::numeric_limits<float>::infinity());
-  IVec vidx(0);
-  IVec lane_j = IVec::arange(0, 1);
   int64_t j = 0;
   for (; j + kW <= n; j += kW) {
     const IVec d = IVec::loadu(c + j) - IVec::loadu(offset + j);
     const fVec v = at::vec::convert_to_fp_of_same_size<float>(d) * fVec::loadu(scale + j);
     v.store(s + j);
-    const fVec gt = v > vmax;
-    vmax = fVec::blendv(vmax, v, gt);
-    vidx = IVec::blendv(vidx, lane_j, at::vec::cast<int32_t>(gt));
-    lane_j = lane_j + IVec(static_cast<int32_t>(kW));
+    vmax = at::vec::clamp_min(vmax, v);  // a plain max: s is never NaN
   }
-  alignas(64) float lane_max[kW];
-  alignas(64) int32_t lane_first[kW];
-  vmax.store(lane_max);
-  vidx.store(lane_first);
-  float m = -std::numeric_limits<float>::infinity();
-  int64_t arg = 0;
-  for (int64_t l = 0; l < kW && l < n; ++l) {
-    if (lane_max[l] > m || (lane_max[l] == m && lane_first[l] < arg)) {
-      m = lane_max[l];
-      arg = lane_first[l];
-    }
-  }
+  float m = at::vec::vec_reduce_all<float>(
+      [](fVec& a, fVec& b) { return at::vec::clamp_min(a, b); }, vmax);
   for (; j < n; ++j) {
     s[j] = static_cast<float>(c[j] - offset[j]) * scale[j];
-    if (s[j] > m) {
-      m = s[j];
-      arg = j;
-    }
+    m = std::max(m, s[j]);
   }
-  *first = arg;
   return m;
 }
 

@@ -61,7 +61,7 @@ MMFAST_DECLARE_ISA_KERNEL(
                             int32_t* q_sum))
 
 // s[j] = float(c[j] - offset[j]) * scale[j] for j < n (finite scale: s is never NaN); returns
-// max_j s[j] (-inf for n = 0) and writes the lowest j reaching it to *first (0 for n = 0).
+// max_j s[j] (-inf for n = 0).
 MMFAST_DECLARE_ISA_KERNEL(
     float int_scale_and_max(const int32_t* c, const int32_t* offset, const float* scale,
-                            float* s, int64_t n, int64_t* first))
+                            float* s, int64_t n))
