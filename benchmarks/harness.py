@@ -13,9 +13,10 @@ the same fresh random inputs, in interleaved rounds:
     of all samples (warm-up excluded).
   * GPU time: triton.testing.do_bench per round, likewise.
   * Peak memory: CPU, the process's peak RSS above its level just before the call (the peak is
-    reset through /proc/self/clear_refs; glibc is told to return every large block to the OS,
-    so freed memory of earlier runs cannot hide an allocation); GPU, max_memory_allocated
-    above the inputs.
+    reset through /proc/self/clear_refs; for this call glibc is told to return every large
+    block to the OS, so freed memory of earlier runs cannot hide an allocation; timing runs
+    reuse freed blocks, as a loop of the same calls does); GPU, max_memory_allocated above
+    the inputs.
   * Saved-for-backward bytes (modes with a backward): the bytes of every distinct tensor
     storage that autograd saves during the forward, inputs excluded.
 """
@@ -109,12 +110,24 @@ def _glibc():
     if _libc is None:
         try:
             _libc = ctypes.CDLL("libc.so.6")
-            # M_MMAP_THRESHOLD = -3: a fixed threshold turns off glibc's adaptive one, so every
-            # block of 128 KiB or more is mmapped and goes back to the OS when freed.
-            _libc.mallopt(-3, 128 * 1024)
         except OSError:
             _libc = False
     return _libc
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+
+
+def _malloc_fresh_blocks(fresh: bool) -> None:
+    """fresh: every block of 128 KiB or more is mmapped and goes back to the OS when freed, so
+    a peak-memory measurement sees every large allocation. Otherwise (timing) blocks below
+    32 MiB are reused from the heap, as glibc's adaptive thresholds settle to in a loop that
+    repeats the same calls: a provider's time then does not include first-touch page faults
+    that a training or serving loop would not pay either."""
+    libc = _glibc()
+    if libc:
+        libc.mallopt(_M_MMAP_THRESHOLD, 128 * 1024 if fresh else 32 * 2**20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 128 * 1024 if fresh else 64 * 2**20)
 
 
 def _rss_kib(field_name: str) -> int:
@@ -137,10 +150,14 @@ def _reset_cpu_peak() -> int:
 
 def cpu_peak_mib(run: Callable[[], Any]) -> float:
     """Peak resident memory (MiB) that `run` adds above the process's level before it."""
-    base = _reset_cpu_peak()
-    out = run()
-    peak = _rss_kib("VmHWM")
-    del out
+    _malloc_fresh_blocks(True)
+    try:
+        base = _reset_cpu_peak()
+        out = run()
+        peak = _rss_kib("VmHWM")
+        del out
+    finally:
+        _malloc_fresh_blocks(False)
     return max(peak - base, 0) / 1024
 
 
@@ -283,6 +300,7 @@ def measure_group(op: str, case: Case, providers: list[Provider], dtype: str, mo
     Providers are timed in interleaved rounds (A B C A B C ...) and each one's samples pooled,
     so a change in the machine's load during the run hits all of them alike: the ratios stay
     fair on a shared, noisy machine."""
+    _malloc_fresh_blocks(False)
     torch.manual_seed(0)
     inputs = case.make_inputs(device, DTYPE_NAMES[dtype], mode != "forward")
     runners = []
