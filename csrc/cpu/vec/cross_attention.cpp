@@ -208,44 +208,44 @@ inline void load_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, floa
   }
 }
 
-// Storage type T, all tile GEMMs in float32: 16-bit tiles are widened in cache (Q once per task,
-// K and V once per block). Without AMX (could_pack() false here) ATen's bf16/fp16 brgemm runs
-// well below the float32 GEMM rate, and widening costs a few percent of a GEMM.
+// Storage type T, all tile GEMMs in float32: 16-bit tiles are widened in cache (Q once per
+// tile, K and V once per block and task). Without AMX (could_pack() false here) ATen's
+// bf16/fp16 brgemm runs well below the float32 GEMM rate, and widening costs a few percent of a
+// GEMM. A task runs a.tiles_per_task consecutive query tiles of one (batch, head), so each key
+// block is transposed (and widened) once for all of them.
 template <typename T>
 void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
   const XattnProblem& p = a.p;
-  const int64_t BM = p.block_m, BN = p.block_n, D = p.D;
-  const int64_t nqt = ceil_div(p.Lq, BM), nkb = ceil_div(p.Lk, BN);
+  const int64_t BM = p.block_m, BN = p.block_n, D = p.D, G = a.tiles_per_task;
+  const int64_t nqt = ceil_div(p.Lq, BM), nkb = ceil_div(p.Lk, BN), ngroups = ceil_div(nqt, G);
   const int64_t group = p.Hq / p.Hk;
-  const int64_t ntasks = p.B * p.Hq * nqt;
+  const int64_t ntasks = p.B * p.Hq * ngroups;
   constexpr bool kFloat = std::is_same_v<T, float>;
-  std::vector<float> S(BM * BN), O(a.with_values ? BM * D : 0), m(BM), l(BM), orow(D);
-  std::vector<float> Kt(D * BN), Qf(kFloat ? 0 : BM * D), Vf(kFloat ? 0 : BN * D);
+  std::vector<float> S(BM * BN), O(a.with_values ? G * BM * D : 0), m(G * BM), l(G * BM);
+  std::vector<float> orow(D), Kt(D * BN), Qf(kFloat ? 0 : G * BM * D), Vf(kFloat ? 0 : BN * D);
   std::vector<T> KtT(kFloat ? 0 : D * BN);
+  std::vector<Rel> rel(G);
+  std::vector<char> q_loaded(G);
   for (int64_t t; (t = next->fetch_add(1)) < ntasks;) {
-    const int64_t qt = t % nqt, h = (t / nqt) % p.Hq, b = t / (nqt * p.Hq);
-    const int64_t i0 = qt * BM, M = std::min(BM, p.Lq - i0), hk = h / group;
-    const T* q = ptr<T>(p.q) + b * p.q_sb + i0 * p.q_sl + h * p.q_sh;
+    const int64_t tg = t % ngroups, h = (t / ngroups) % p.Hq, b = t / (ngroups * p.Hq);
+    const int64_t qt0 = tg * G, tiles = std::min(G, nqt - qt0), hk = h / group;
+    const int64_t rows = std::min(tiles * BM, p.Lq - qt0 * BM);
     const T* k = ptr<T>(p.k) + b * p.k_sb + hk * p.k_sh;
     const T* v = ptr<T>(p.v) + b * p.v_sb + hk * p.v_sh;
-    const float* qc = p.qcode + b * p.Lq + i0;
-    const float qlo = p.q_tile_lo[b * nqt + qt], qhi = p.q_tile_hi[b * nqt + qt];
-    std::fill(m.begin(), m.end(), -kInf);
-    std::fill(l.begin(), l.end(), 0.f);
-    if (a.with_values) std::fill(O.begin(), O.begin() + M * D, 0.f);
-    const float* qf = reinterpret_cast<const float*>(q);
-    int64_t ld_q = p.q_sl;
-    bool q_loaded = kFloat;
+    std::fill(m.begin(), m.begin() + rows, -kInf);
+    std::fill(l.begin(), l.begin() + rows, 0.f);
+    if (a.with_values) std::fill(O.begin(), O.begin() + rows * D, 0.f);
+    std::fill(q_loaded.begin(), q_loaded.end(), static_cast<char>(kFloat));
     for (int64_t kb = 0; kb < nkb; ++kb) {
-      const Rel rel = classify(p.immediate, qlo, qhi, p.kblk[b * nkb + kb]);
-      if (rel == Rel::Skip) continue;
-      const int64_t j0 = kb * BN, N = std::min(BN, p.Lk - j0);
-      if (!q_loaded) {
-        load_rows(q, p.q_sl, M, D, Qf.data());
-        qf = Qf.data();
-        ld_q = D;
-        q_loaded = true;
+      bool any = false;
+      for (int64_t g = 0; g < tiles; ++g) {
+        const int64_t qt = qt0 + g;
+        rel[g] = classify(p.immediate, p.q_tile_lo[b * nqt + qt], p.q_tile_hi[b * nqt + qt],
+                          p.kblk[b * nkb + kb]);
+        any = any || rel[g] != Rel::Skip;
       }
+      if (!any) continue;
+      const int64_t j0 = kb * BN, N = std::min(BN, p.Lk - j0);
       // Kᵀ of this block, transposed here in cache: a transposed copy of all of K up front
       // would be one more pass over memory, which costs as much as the GEMMs at these sizes.
       if constexpr (kFloat) {
@@ -254,25 +254,44 @@ void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
         transpose_block(k + j0 * p.k_sl, p.k_sl, KtT.data(), BN, N, D);
         load_rows(KtT.data(), BN, D, BN, Kt.data());
       }
-      gemm<float>(M, N, D, qf, ld_q, Kt.data(), BN, S.data(), BN, false);
-      const float* kc = rel == Rel::Partial ? p.kcode + b * p.Lk + j0 : nullptr;
-      for (int64_t r = 0; r < M; ++r) {
-        float* srow = S.data() + r * BN;
-        const float alpha = online_softmax_row(srow, N, p.scale, kc, qc[r], p.immediate, m[r], l[r]);
-        if (a.with_values && alpha != 1.f) scale_row(O.data() + r * D, D, alpha);
-      }
-      if (a.with_values) {
-        const float* vf = reinterpret_cast<const float*>(v + j0 * p.v_sl);
-        int64_t ld_v = p.v_sl;
-        if constexpr (!kFloat) {
+      const float* vf = reinterpret_cast<const float*>(v + j0 * p.v_sl);
+      int64_t ld_v = p.v_sl;
+      if constexpr (!kFloat) {
+        if (a.with_values) {
           load_rows(v + j0 * p.v_sl, p.v_sl, N, D, Vf.data());
           vf = Vf.data();
           ld_v = D;
         }
-        gemm<float>(M, D, N, S.data(), BN, vf, ld_v, O.data(), D, true);
+      }
+      for (int64_t g = 0; g < tiles; ++g) {
+        if (rel[g] == Rel::Skip) continue;
+        const int64_t i0 = (qt0 + g) * BM, M = std::min(BM, p.Lq - i0);
+        const T* q = ptr<T>(p.q) + b * p.q_sb + i0 * p.q_sl + h * p.q_sh;
+        const float* qf = reinterpret_cast<const float*>(q);
+        int64_t ld_q = p.q_sl;
+        if constexpr (!kFloat) {
+          qf = Qf.data() + g * BM * D;
+          ld_q = D;
+          if (!q_loaded[g]) {
+            load_rows(q, p.q_sl, M, D, Qf.data() + g * BM * D);
+            q_loaded[g] = 1;
+          }
+        }
+        gemm<float>(M, N, D, qf, ld_q, Kt.data(), BN, S.data(), BN, false);
+        const float* qc = p.qcode + b * p.Lq + i0;
+        const float* kc = rel[g] == Rel::Partial ? p.kcode + b * p.Lk + j0 : nullptr;
+        float* Og = O.data() + g * BM * D;
+        for (int64_t r = 0; r < M; ++r) {
+          float* srow = S.data() + r * BN;
+          const float alpha = online_softmax_row(srow, N, p.scale, kc, qc[r], p.immediate,
+                                                 m[g * BM + r], l[g * BM + r]);
+          if (a.with_values && alpha != 1.f) scale_row(Og + r * D, D, alpha);
+        }
+        if (a.with_values) gemm<float>(M, D, N, S.data(), BN, vf, ld_v, Og, D, true);
       }
     }
-    for (int64_t r = 0; r < M; ++r) {
+    const int64_t i0 = qt0 * BM;
+    for (int64_t r = 0; r < rows; ++r) {
       const bool any = l[r] > 0.f;
       a.lse[(b * p.Hq + h) * p.Lq + i0 + r] = any ? m[r] + std::log(l[r]) : -kInf;
       if (!a.with_values) continue;

@@ -46,6 +46,7 @@ struct XattnProblem {
 
 struct XattnForwardArgs {
   XattnProblem p;
+  int64_t tiles_per_task;      // consecutive query tiles of one (batch, head) per task
   bool with_values;            // false: only lse (key_attention_mass's first pass)
   void* out;                   // [B, Lq, Hq, D] contiguous, input dtype
   float* lse;                  // [B, Hq, Lq]
