@@ -517,6 +517,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
         total += weights[k];
       }
       msize_ptr[t] = total;
+      // A merged group's rows are scattered over the sample: fetch the next group's while
+      // this one is summed.
+      if (t + 1 < t1 && o + 1 < m_out && start[o + 2] - start[o + 1] > 1) {
+        const int64_t* next = group_tokens.data() + b * n + start[o + 1];
+        for (int64_t k = 0; k < start[o + 2] - start[o + 1]; ++k) {
+          prefetch(xb + next[k] * xc.stride(1) * esize, c * esize);
+        }
+      }
       if (count == 1) {  // a token that merged with nothing is copied exactly
         std::memcpy(out_row, xb + tokens[0] * xc.stride(1) * esize, c * esize);
       } else {
