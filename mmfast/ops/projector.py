@@ -94,19 +94,25 @@ def _projector_backward_fake(grad_out, x, h, w1, w2, approximate, output_mask):
     return grads_like(x, w1_shape, h, w2, output_mask)
 
 
-def _setup_context(ctx, inputs, output):
-    x, w1, b1, w2, b2, approximate, keep_h = inputs
-    _, h = output
-    if not keep_h and any(ctx.needs_input_grad[:5]):
-        raise RuntimeError("projector: keep_h=False drops the pre-activation the backward needs; "
+def save_for_backward(ctx, op: str, x, h, w1, w2, approximate, keep_h: bool, n_inputs: int,
+                      *extra) -> None:
+    """The autograd context of projector and projector_splice: x, h, w1 (only when x needs a
+    gradient), w2 and `extra`. n_inputs: how many leading inputs are differentiable."""
+    if not keep_h and any(ctx.needs_input_grad[:n_inputs]):
+        raise RuntimeError(f"{op}: keep_h=False drops the pre-activation the backward needs; "
                            "pass keep_h=True when an input requires grad")
     ctx.mark_non_differentiable(h)
     # h never receives a gradient; without this autograd would hand the backward a zero-filled
     # tensor of h's size (an [N, hidden] allocation and memset per step).
     ctx.set_materialize_grads(False)
     # w1 is only needed for grad_x: a frozen x (the alignment stage) keeps no reference to it.
-    ctx.save_for_backward(x, h, w1 if ctx.needs_input_grad[0] else None, w2)
+    ctx.save_for_backward(x, h, w1 if ctx.needs_input_grad[0] else None, w2, *extra)
     ctx.approximate = approximate
+
+
+def _setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, approximate, keep_h = inputs
+    save_for_backward(ctx, OP, x, output[1], w1, w2, approximate, keep_h, 5)
 
 
 def _backward(ctx, grad_out, _grad_h):

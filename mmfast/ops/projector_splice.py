@@ -5,7 +5,7 @@ writes its rows straight into their placeholder rows of a copy of embeds."""
 import torch
 
 from mmfast import _backend
-from mmfast.ops.projector import check_backward, check_weights, grads_like
+from mmfast.ops.projector import check_backward, check_weights, grads_like, save_for_backward
 
 OP = "projector_splice"
 
@@ -69,16 +69,7 @@ def _splice_backward_fake(grad_out, x, h, w1, w2, image_mask, approximate, outpu
 
 def _setup_context(ctx, inputs, output):
     x, w1, b1, w2, b2, embeds, image_mask, approximate, keep_h = inputs
-    _, h = output
-    if not keep_h and any(ctx.needs_input_grad[:6]):
-        raise RuntimeError("projector_splice: keep_h=False drops the pre-activation the backward "
-                           "needs; pass keep_h=True when an input requires grad")
-    ctx.mark_non_differentiable(h)
-    # h never receives a gradient; without this autograd would hand the backward a zero-filled
-    # tensor of h's size (an [N, hidden] allocation and memset per step).
-    ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, h, w1 if ctx.needs_input_grad[0] else None, w2, image_mask)
-    ctx.approximate = approximate
+    save_for_backward(ctx, OP, x, output[1], w1, w2, approximate, keep_h, 6, image_mask)
 
 
 def _backward(ctx, grad_out, _grad_h):
