@@ -29,10 +29,24 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The media mode is a run-time flag (IMMEDIATE != 0), not a constexpr: one compiled kernel serves
 # both modes, and the comparison costs the same either way.
 @triton.jit
-def _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE):
+def _skip_block(QLO, QHI, qidx, KLO, KHI, KANY, kidx, IMMEDIATE):
+    """No query of query tile qidx may attend a key of key block kidx (flat indices into the
+    per-call [B, nqt] / [B, nkb] summaries)."""
+    qlo = tl.load(QLO + qidx)
+    qhi = tl.load(QHI + qidx)
+    klo = tl.load(KLO + kidx)
+    khi = tl.load(KHI + kidx)
+    kany = tl.load(KANY + kidx)
     skip_immediate = (qhi < klo) | (qlo > khi)
     skip_previous = klo > qhi
     return (kany == 0) | ((IMMEDIATE != 0) & skip_immediate) | ((IMMEDIATE == 0) & skip_previous)
+
+
+@triton.jit
+def _safe_lse(LSE, offs, row_ok):
+    """lse of a row tile, rows without an allowed key at +inf so that exp(s - lse) is 0."""
+    lse = tl.load(LSE + offs, mask=row_ok, other=float("-inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse)
 
 
 @triton.jit
@@ -74,18 +88,13 @@ def xattn_fwd_kernel(
     q = tl.load(Q + b64 * sqb + offs_m[:, None] * sql + h * sqh + offs_d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     qc = tl.load(QC + b64 * Lq + offs_m, mask=row_ok, other=0.0)
-    qlo = tl.load(QLO + b * nqt + pid_m)
-    qhi = tl.load(QHI + b * nqt + pid_m)
     m_i = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc = tl.zeros([BM, BD], tl.float32)
     k_base = K + b64 * skb + hk * skh
     v_base = V + b64 * svb + hk * svh
     for kb in range(0, nkb):
-        klo = tl.load(KLO + b * nkb + kb)
-        khi = tl.load(KHI + b * nkb + kb)
-        kany = tl.load(KANY + b * nkb + kb)
-        if not _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE):
+        if not _skip_block(QLO, QHI, b * nqt + pid_m, KLO, KHI, KANY, b * nkb + kb, IMMEDIATE):
             offs_k = kb * BN + offs_n
             k_ok = offs_k < Lk
             k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :],
@@ -137,20 +146,14 @@ def xattn_bwd_dq_kernel(
     q = tl.load(Q + b64 * sqb + offs_m[:, None] * sql + h * sqh + offs_d[None, :], mask=md, other=0.0)
     o_off = ((b64 * Lq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :]
     do = tl.load(DO + o_off, mask=md, other=0.0)
-    lse = tl.load(LSE + (b64 * Hq + h) * Lq + offs_m, mask=row_ok, other=float("-inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse)  # rows without keys: p = 0
+    lse = _safe_lse(LSE, (b64 * Hq + h) * Lq + offs_m, row_ok)
     delta = tl.load(DELTA + (b64 * Hq + h) * Lq + offs_m, mask=row_ok, other=0.0)
     qc = tl.load(QC + b64 * Lq + offs_m, mask=row_ok, other=0.0)
-    qlo = tl.load(QLO + b * nqt + pid_m)
-    qhi = tl.load(QHI + b * nqt + pid_m)
     dq = tl.zeros([BM, BD], tl.float32)
     k_base = K + b64 * skb + hk * skh
     v_base = V + b64 * svb + hk * svh
     for kb in range(0, nkb):
-        klo = tl.load(KLO + b * nkb + kb)
-        khi = tl.load(KHI + b * nkb + kb)
-        kany = tl.load(KANY + b * nkb + kb)
-        if not _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE):
+        if not _skip_block(QLO, QHI, b * nqt + pid_m, KLO, KHI, KANY, b * nkb + kb, IMMEDIATE):
             offs_k = kb * BN + offs_n
             k_ok = offs_k < Lk
             kd = k_ok[:, None] & d_ok[None, :]
@@ -191,16 +194,12 @@ def xattn_bwd_dkdv_kernel(
     k = tl.load(K + b64 * skb + offs_k[:, None] * skl + hk * skh + offs_d[None, :], mask=kd, other=0.0)
     v = tl.load(V + b64 * svb + offs_k[:, None] * svl + hk * svh + offs_d[None, :], mask=kd, other=0.0)
     kc = tl.load(KC + b64 * Lk + offs_k, mask=k_ok, other=never)
-    klo = tl.load(KLO + b * nkb + pid_n)
-    khi = tl.load(KHI + b * nkb + pid_n)
-    kany = tl.load(KANY + b * nkb + pid_n)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     for h in range(hk * group, hk * group + group):
         for qt in range(0, nqt):
-            qlo = tl.load(QLO + b * nqt + qt)
-            qhi = tl.load(QHI + b * nqt + qt)
-            if not _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE):
+            if not _skip_block(QLO, QHI, b * nqt + qt, KLO, KHI, KANY, b * nkb + pid_n,
+                               IMMEDIATE):
                 offs_m = qt * BM + offs_m0
                 row_ok = offs_m < Lq
                 md = row_ok[:, None] & d_ok[None, :]
@@ -208,8 +207,7 @@ def xattn_bwd_dkdv_kernel(
                             mask=md, other=0.0)
                 do = tl.load(DO + ((b64 * Lq + offs_m[:, None]) * Hq + h) * D + offs_d[None, :],
                              mask=md, other=0.0)
-                lse = tl.load(LSE + (b64 * Hq + h) * Lq + offs_m, mask=row_ok, other=float("-inf"))
-                lse = tl.where(lse == float("-inf"), float("inf"), lse)
+                lse = _safe_lse(LSE, (b64 * Hq + h) * Lq + offs_m, row_ok)
                 delta = tl.load(DELTA + (b64 * Hq + h) * Lq + offs_m, mask=row_ok, other=0.0)
                 qc = tl.load(QC + b64 * Lq + offs_m, mask=row_ok, other=0.0)
                 st = _dot(k, tl.trans(q), UPCAST) * scale            # [BN, BM]
@@ -243,23 +241,18 @@ def xattn_mass_kernel(
     d_ok = offs_d < D
     b64 = b.to(tl.int64)
     kc = tl.load(KC + b64 * Lk + offs_k, mask=k_ok, other=never)
-    klo = tl.load(KLO + b * nkb + pid_n)
-    khi = tl.load(KHI + b * nkb + pid_n)
-    kany = tl.load(KANY + b * nkb + pid_n)
     mass = tl.zeros([BN], tl.float32)
     for h in range(0, Hq):
         k = tl.load(K + b64 * skb + offs_k[:, None] * skl + (h // group) * skh + offs_d[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         for qt in range(0, nqt):
-            qlo = tl.load(QLO + b * nqt + qt)
-            qhi = tl.load(QHI + b * nqt + qt)
-            if not _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE):
+            if not _skip_block(QLO, QHI, b * nqt + qt, KLO, KHI, KANY, b * nkb + pid_n,
+                               IMMEDIATE):
                 offs_m = qt * BM + offs_m0
                 row_ok = offs_m < Lq
                 q = tl.load(Q + b64 * sqb + offs_m[:, None] * sql + h * sqh + offs_d[None, :],
                             mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-                lse = tl.load(LSE + (b64 * Hq + h) * Lq + offs_m, mask=row_ok, other=float("-inf"))
-                lse = tl.where(lse == float("-inf"), float("inf"), lse)
+                lse = _safe_lse(LSE, (b64 * Hq + h) * Lq + offs_m, row_ok)
                 qc = tl.load(QC + b64 * Lq + offs_m, mask=row_ok, other=0.0)
                 st = _dot(k, tl.trans(q), UPCAST) * scale
                 pt = tl.where(_allowed(kc[:, None], qc[None, :], IMMEDIATE),
