@@ -91,7 +91,6 @@ bool needs_copy(const at::Tensor& metric, FirstPass pass) {
 // even for bfloat16, to a multiple of 4 for int8, where A rows (even tokens) are stored as
 // u8 = q + 128 and B rows (odd tokens) as s8 = q.
 struct PreparedMetric {
-  FirstPass pass;
   bool copy = false;    // the GEMM reads rounded rows, not the metric itself
   bool int8 = false;
   int64_t k = 0;        // K'
@@ -122,7 +121,6 @@ void prepare_row(const at::Tensor& metric, PreparedMetric& prep, int64_t b, int6
   const int64_t n = metric.size(1), cm = metric.size(2), kp = prep.k;
   const int64_t flat = b * n + t;
   const auto dtype = metric.scalar_type();
-  const int64_t esize = metric.element_size();
   const char* row = metric_row(metric, b, t);
   float residual = 0.0f;
   double ss;
@@ -166,10 +164,9 @@ void prepare_row(const at::Tensor& metric, PreparedMetric& prep, int64_t b, int6
 // of each tile itself, into a buffer that stays in cache until their exact re-scores.
 PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gemm) {
   const int64_t bsz = metric.size(0), n = metric.size(1), cm = metric.size(2);
-  const int64_t na = (n + 1) / 2, nb = n / 2;
+  const int64_t nb = n / 2;
   const auto opts = metric.options();
   PreparedMetric out;
-  out.pass = pass;
   out.copy = gemm && needs_copy(metric, pass);
   out.int8 = out.copy && pass == FirstPass::kInt8;
   out.k = out.int8 ? (cm + 3) / 4 * 4 : cm + cm % 2;
@@ -283,7 +280,6 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
     const auto at_least = MMFAST_PICK_ISA(indices_at_least);
     const auto dtype = metric.scalar_type();
     const int64_t esize = metric.element_size();
-    const char* mbase = static_cast<const char*>(metric.const_data_ptr());
     const char* btbase = static_cast<const char*>(prep.bt.const_data_ptr());
     const int64_t op_size = prep.op_size;
     const int64_t row_bytes = cm * esize;
@@ -308,7 +304,7 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
         }
         const char* a_tile =
             prep.copy ? a_rows.get()
-                      : mbase + (b * metric.stride(0) + 2 * i0 * metric.stride(1)) * esize;
+                      : metric_row(metric, b, 2 * i0);
         const char* bt = btbase + b * prep.bt.stride(0) * op_size;
         for (int64_t j0 = 0; j0 < nb; j0 += kStripCols) {
           const int64_t cols = std::min(kStripCols, nb - j0);
@@ -324,7 +320,6 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
                 reinterpret_cast<const at::BFloat16*>(bt) + j0 * 2, strip.get() + j0, true);
           }
         }
-        const char* mb = mbase + b * metric.stride(0) * esize;
         for (int64_t i = 0; i < m; ++i) {
           const int64_t tok_a = 2 * (i0 + i);
           const float inv_a = inv[b * n + tok_a];
@@ -342,10 +337,8 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
               top = scale_max(s, inv_b, nb);  // NaN if bfloat16 products overflowed
               unit = inv_a;
             }
-            const char* row_a = mb + tok_a * metric.stride(1) * esize;
-            const auto row_b = [&](int64_t j) {
-              return mb + (2 * j + 1) * metric.stride(1) * esize;
-            };
+            const char* row_a = metric_row(metric, b, tok_a);
+            const auto row_b = [&](int64_t j) { return metric_row(metric, b, 2 * j + 1); };
             const auto exact_score = [&](int64_t j) {
               return dot(dtype, row_a, row_b(j), cm) * inv_b[j];
             };

@@ -177,18 +177,16 @@ float row_sumsq_to_bf16(c10::ScalarType dtype, const void* src, int64_t n,
       load_chunk(p + c, m, lo, hi);
       s0 = at::vec::fmadd(lo, lo, s0);
       s1 = at::vec::fmadd(hi, hi, s1);
-      if (dst != nullptr) {
-        const BVec v = at::vec::convert_from_float<c10::BFloat16>(lo, hi);
-        if (m == kChunk) v.store(dst + c); else v.store(dst + c, m);
-        fVec back_lo, back_hi;
-        std::tie(back_lo, back_hi) = at::vec::convert_to_float<c10::BFloat16>(v);
-        const fVec d0 = lo - back_lo, d1 = hi - back_hi;
-        r0 = at::vec::fmadd(d0, d0, r0);
-        r1 = at::vec::fmadd(d1, d1, r1);
-      }
+      const BVec v = at::vec::convert_from_float<c10::BFloat16>(lo, hi);
+      if (m == kChunk) v.store(dst + c); else v.store(dst + c, m);
+      fVec back_lo, back_hi;
+      std::tie(back_lo, back_hi) = at::vec::convert_to_float<c10::BFloat16>(v);
+      const fVec d0 = lo - back_lo, d1 = hi - back_hi;
+      r0 = at::vec::fmadd(d0, d0, r0);
+      r1 = at::vec::fmadd(d1, d1, r1);
     }
     const auto sum = [](fVec& a, fVec& b) { return a + b; };
-    if (dst != nullptr) *residual_sumsq = at::vec::vec_reduce_all<float>(sum, r0 + r1);
+    *residual_sumsq = at::vec::vec_reduce_all<float>(sum, r0 + r1);
     return at::vec::vec_reduce_all<float>(sum, s0 + s1);
   });
 }
@@ -291,8 +289,7 @@ int64_t indices_at_least(const float* s, const float* slack, float coef, int64_t
   int64_t j = 0;
   const fVec f(floor), c(coef);
   for (; j + kW <= n; j += kW) {
-    fVec v = fVec::loadu(s + j);
-    if (slack != nullptr) v = at::vec::fmadd(fVec::loadu(slack + j), c, v);
+    const fVec v = at::vec::fmadd(fVec::loadu(slack + j), c, fVec::loadu(s + j));
     // zero_mask: bit l set where lane l is all-zero, i.e. where the value is below floor.
     const int below = (v >= f).zero_mask();
     if (below == (1 << kW) - 1) continue;
@@ -301,8 +298,7 @@ int64_t indices_at_least(const float* s, const float* slack, float coef, int64_t
     }
   }
   for (; j < n; ++j) {
-    const float v = slack != nullptr ? std::fma(slack[j], coef, s[j]) : s[j];
-    if (v >= floor) out[count++] = j;
+    if (std::fma(slack[j], coef, s[j]) >= floor) out[count++] = j;
   }
   return count;
 }

@@ -37,14 +37,14 @@ MMFAST_DECLARE_ISA_KERNEL(
 // s[j] *= scale[j] for j < n; returns max_j s[j] (-inf for n = 0).
 MMFAST_DECLARE_ISA_KERNEL(float scale_and_max(float* s, const float* scale, int64_t n))
 
-// Writes the indices j < n with s[j] + coef * slack[j] >= floor (s[j] >= floor when slack is
-// null), ascending, to out; returns how many.
+// Writes the indices j < n with s[j] + coef * slack[j] >= floor (one fused multiply-add),
+// ascending, to out; returns how many.
 MMFAST_DECLARE_ISA_KERNEL(
     int64_t indices_at_least(const float* s, const float* slack, float coef, int64_t n,
                              float floor, int64_t* out))
 
-// Returns sum_c src[c]^2 (float32; NaN and Inf propagate). With dst, also writes
-// dst[c] = bfloat16(src[c]) and *residual_sumsq = sum_c (src[c] - dst[c])^2.
+// Returns sum_c src[c]^2 (float32; NaN and Inf propagate), writes dst[c] = bfloat16(src[c])
+// and *residual_sumsq = sum_c (src[c] - dst[c])^2.
 MMFAST_DECLARE_ISA_KERNEL(
     float row_sumsq_to_bf16(c10::ScalarType dtype, const void* src, int64_t n,
                             c10::BFloat16* dst, float* residual_sumsq))
