@@ -235,7 +235,7 @@ void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
     std::fill(m.begin(), m.begin() + rows, -kInf);
     std::fill(l.begin(), l.begin() + rows, 0.f);
     if (a.with_values) std::fill(O.begin(), O.begin() + rows * D, 0.f);
-    std::fill(q_loaded.begin(), q_loaded.end(), static_cast<char>(kFloat));
+    std::fill(q_loaded.begin(), q_loaded.end(), 0);  // read for 16-bit inputs only
     for (int64_t kb = 0; kb < nkb; ++kb) {
       bool any = false;
       for (int64_t g = 0; g < tiles; ++g) {
