@@ -48,17 +48,22 @@ double element_as_double(at::ScalarType dtype, const char* row, int64_t c) {
   }
 }
 
-// Rows per task when each of bsz samples splits its `rows` into blocks of at most max_rows:
-// with few blocks, a size that gives every thread the same number of them (ATen's pool hands
-// each thread one contiguous range of tasks: 23 blocks on 2 threads would leave one thread
-// idle for 1/23 of the time).
-int64_t balanced_block(int64_t bsz, int64_t rows, int64_t max_rows) {
+// Rows per task, a multiple of `multiple` (or all rows), when each of bsz samples splits its
+// `rows` into blocks of at most max_rows: a size that gives every thread the same number of
+// blocks if up to twice as many blocks allow it (ATen's pool hands each thread one contiguous
+// range of tasks: 23 blocks on 2 threads would leave one thread idle for 1/12 of the time).
+int64_t balanced_block(int64_t bsz, int64_t rows, int64_t max_rows, int64_t multiple = 1) {
   const int64_t threads = at::get_num_threads();
-  int64_t blocks = (rows + max_rows - 1) / max_rows;
-  if (bsz * blocks < 8 * threads) {
-    while ((bsz * blocks) % threads != 0 && blocks < rows) ++blocks;
+  const auto block_for = [&](int64_t blocks) {
+    const int64_t block = (rows + blocks - 1) / blocks;
+    return std::min(rows, (block + multiple - 1) / multiple * multiple);
+  };
+  const int64_t fewest = (rows + max_rows - 1) / max_rows;
+  for (int64_t blocks = fewest; blocks <= 2 * fewest && blocks <= rows; ++blocks) {
+    const int64_t block = block_for(blocks);
+    if (bsz * ((rows + block - 1) / block) % threads == 0) return block;
   }
-  return std::max<int64_t>(1, (rows + blocks - 1) / blocks);
+  return std::max<int64_t>(1, block_for(fewest));
 }
 
 // The approximate GEMM that scores every pair before the exact re-score of near-best pairs.
@@ -107,7 +112,7 @@ struct PreparedMetric {
 // re-scores): the hardware prefetcher misses them, so the next row is fetched while the
 // current one is summed.
 void prefetch(const char* p, int64_t bytes) {
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 2);
 }
 
 const char* metric_row(const at::Tensor& metric, int64_t b, int64_t t) {
@@ -189,7 +194,8 @@ PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gem
   // A task: a block of up to 64 rows of one sample (B rows only with `gemm`). B rows are
   // rounded into a buffer that stays in cache and transposed from there into bt.
   const int64_t rows = gemm ? nb : n;
-  const int64_t block = balanced_block(bsz, rows, 64);
+  // Blocks of whole 16 x 16 transposes.
+  const int64_t block = balanced_block(bsz, rows, 64, 16);
   const int64_t blocks = (rows + block - 1) / block;
   at::parallel_for(0, bsz * blocks, 1, [&](int64_t t0, int64_t t1) {
     const auto buffer =
@@ -233,18 +239,39 @@ ScoreBound score_error_bound(int64_t k, double rho_a) {
           1.0 + rho_a + gamma * (1.0 + rho_a)};
 }
 
-constexpr int64_t kStripCols = 256;
+constexpr int64_t kPanelCols = 128;  // B tokens per GEMM call (its output stays in cache)
+// Most candidate rows fetched ahead of their exact re-scores.
+constexpr int64_t kPrefetchRows = 8;
 
+// One A row of a tile while the tile's panels are scanned: in units u of the cosine, the
+// running maximum `top` of s~ and the first j reaching it, and every j so far with
+// s~_j + coef rho_b_j >= top - width (ascending, with that value).
+struct RowScan {
+  float unit = 0.0f, coef = 0.0f;
+  double alpha = 0.0;
+  float width = 0.0f;      // (2 alpha + beta rho_max) / u, rounded up
+  float top = -INFINITY;
+  float wide = -INFINITY;  // top - width, rounded down
+  int64_t arg = 0;
+  int64_t count = 0;
+  bool scan = false;  // false for a zero row (similarity 0 everywhere) or without a bound
+  bool all = false;   // no usable bound: every j is re-scored
+};
 
 // node_max[b, i] = max_j cos(a_i, b_j), node_idx[b, i] = the first j reaching it.
 //
-// Per tile of kTileA A tokens, one approximate GEMM fills a strip [kTileA, Nb] of scores
-// s~_j, in units u of the cosine (a strip per tile, never the A x B matrix): bfloat16,
-// s~_j = (a . b_j)~ / |b_j| and u = 1 / |a|; int8, s~_j = q_a . q_b_j * step_b_j / |b_j| and
-// u = step_a / |a|. The first j reaching the strip's maximum is scored exactly (a float32
-// dot of the metric rows as given): with e the error bound (in cosine units) of s~ u and of
-// the exact score, only a j with s~_j u + e at least that exact score can beat or tie it, so
-// only those are re-scored; the best of them, lowest index on ties, is the argmax of the
+// Per tile of kTileA A tokens, approximate GEMM calls score the tile against a panel of
+// kPanelCols B tokens at a time (the A x B matrix never exists): s~_j, in units u of the
+// cosine; bfloat16, s~_j = (a . b_j)~ / |b_j| and u = 1 / |a|; int8,
+// s~_j = q_a . q_b_j * step_b_j / |b_j| and u = step_a / |a|. An exact score (a float32 dot
+// of the metric rows as given) is within e(rho_b) = alpha + beta rho_b of s~_j u. While the
+// panel is in cache, each row keeps its running maximum s~_top and shortlists every j with
+//   s~_j + (beta / u) rho_b_j >= s~_top - (2 alpha + beta rho_max) / u,
+// a superset (s~_top only grows) of the j that can beat or tie the exact score of the final
+// top, which is at least s~_top u - e(rho_max). After the last panel, the first j reaching
+// the top is scored exactly, the list narrows to
+//   s~_j + (beta / u) rho_b_j >= (exact_top / |a| - alpha) / u,
+// and those are re-scored: the best of them, lowest index on ties, is the argmax of the
 // cosine over all j. Exact scores depend only on the two rows, so equal rows give equal
 // scores wherever they sit in a tile.
 void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_max,
@@ -257,14 +284,13 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
     std::fill(node_max, node_max + bsz * na, nb == 0 ? -INFINITY : 0.0f);
     std::fill(node_idx, node_idx + bsz * na, 0);
   } else {
+    TORCH_CHECK_VALUE(nb <= std::numeric_limits<int32_t>::max() - kScanSlack,
+                      "bipartite_merge: metric has ", n, " tokens; the CPU kernel takes fewer "
+                      "than 2^32");
     const bool int8 = prep.int8;
     const auto rho = prep.rho.const_data_ptr<float>();
     const auto rho_b_all = prep.rho.slice(1, 1, n, 2).contiguous();  // [B, Nb]
-    std::vector<float> rho_b_max(bsz);
-    for (int64_t b = 0; b < bsz; ++b) {
-      const float* r = rho_b_all.const_data_ptr<float>() + b * nb;
-      rho_b_max[b] = *std::max_element(r, r + nb);
-    }
+    const auto rho_b_max = std::get<0>(at::max(rho_b_all, 1)).contiguous();  // [B]
     const auto inv_b_all = inv_norm.slice(1, 1, n, 2).contiguous();  // [B, Nb]
     // int8: what turns q_a . q_b into s~ (per B column), and the offset to take off first.
     const auto scale_b_all = int8 ? at::mul(prep.step.slice(1, 1, n, 2), inv_b_all)
@@ -275,9 +301,10 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
     const int64_t tile_rows = balanced_block(bsz, na, kTileA);
     const int64_t tiles = (na + tile_rows - 1) / tile_rows;
     const auto dot = MMFAST_PICK_ISA(row_dot);
-    const auto scale_max = MMFAST_PICK_ISA(scale_and_max);
-    const auto int_scale_max = MMFAST_PICK_ISA(int_scale_and_max);
-    const auto at_least = MMFAST_PICK_ISA(indices_at_least);
+    const auto scan_int = MMFAST_PICK_ISA(scan_int_panel);
+    const auto scan_float = MMFAST_PICK_ISA(scan_float_panel);
+    const auto first_int = MMFAST_PICK_ISA(first_int_at);
+    const auto first_float = MMFAST_PICK_ISA(first_float_at);
     const auto dtype = metric.scalar_type();
     const int64_t esize = metric.element_size();
     const char* btbase = static_cast<const char*>(prep.bt.const_data_ptr());
@@ -286,120 +313,157 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
     // Without a copy, the bfloat16 GEMM reads the A rows of the metric in place.
     const int64_t lda = prep.copy ? prep.k : 2 * metric.stride(1);
     at::parallel_for(0, bsz * tiles, 1, [&](int64_t t0, int64_t t1) {
+      // Uninitialized: every element is written before it is read. The candidate lists
+      // have room for every j of every row but are touched only as far as they fill.
       const auto a_rows =
           std::make_unique_for_overwrite<char[]>(prep.copy ? kTileA * prep.k * op_size : 0);
-      // int8: the GEMM's int32 strip, and one row of s~ at a time; bfloat16: s~ in place.
-      // Uninitialized: every element is written before it is read.
-      const auto strip = std::make_unique_for_overwrite<float[]>(int8 ? nb : kTileA * nb);
-      const auto istrip = std::make_unique_for_overwrite<int32_t[]>(int8 ? kTileA * nb : 0);
-      std::vector<int64_t> candidates(nb);
+      // The GEMM's output block: int32 sums (int8) or float32 (bfloat16).
+      const auto panel = std::make_unique_for_overwrite<int32_t[]>(kTileA * kPanelCols);
+      const int64_t room = nb + kScanSlack;
+      const auto cand_idx = std::make_unique_for_overwrite<int32_t[]>(kTileA * room);
+      const auto cand_value = std::make_unique_for_overwrite<float[]>(kTileA * room);
+      std::vector<RowScan> rows(kTileA);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t b = t / tiles, i0 = (t % tiles) * tile_rows;
         const int64_t m = std::min(tile_rows, na - i0);
         const float* inv_b = inv_b_all.const_data_ptr<float>() + b * nb;
-        for (int64_t i = 0; i < m; ++i) {
-          if (i + 1 < m) prefetch(metric_row(metric, b, 2 * (i0 + i + 1)), row_bytes);
-          prepare_row(metric, prep, b, 2 * (i0 + i),
-                      prep.copy ? a_rows.get() + i * prep.k * op_size : nullptr);
-        }
-        const char* a_tile =
-            prep.copy ? a_rows.get()
-                      : metric_row(metric, b, 2 * i0);
-        const char* bt = btbase + b * prep.bt.stride(0) * op_size;
-        for (int64_t j0 = 0; j0 < nb; j0 += kStripCols) {
-          const int64_t cols = std::min(kStripCols, nb - j0);
-          if (int8) {
-            at::native::cpublas::brgemm(
-                m, cols, prep.k, lda, nb, nb, false,
-                reinterpret_cast<const unsigned char*>(a_tile),
-                reinterpret_cast<const signed char*>(bt) + j0 * 4, istrip.get() + j0, true);
-          } else {
-            at::native::cpublas::brgemm(
-                m, cols, prep.k, lda, nb, nb, false,
-                reinterpret_cast<const at::BFloat16*>(a_tile),
-                reinterpret_cast<const at::BFloat16*>(bt) + j0 * 2, strip.get() + j0, true);
-          }
-        }
+        const float* slack = rho_b_all.const_data_ptr<float>() + b * nb;
+        const float rho_max = rho_b_max.const_data_ptr<float>()[b];
         for (int64_t i = 0; i < m; ++i) {
           const int64_t tok_a = 2 * (i0 + i);
+          if (i + 1 < m) prefetch(metric_row(metric, b, tok_a + 2), row_bytes);
+          prepare_row(metric, prep, b, tok_a,
+                      prep.copy ? a_rows.get() + i * prep.k * op_size : nullptr);
+          RowScan& row = rows[i];
           const float inv_a = inv[b * n + tok_a];
-          float* s = strip.get() + (int8 ? 0 : i * nb);
-          float best = -INFINITY;
-          int64_t arg = 0;
-          if (inv_a > 0.0f) {  // a zero row scores 0 everywhere: arg 0
-            float top, unit;
-            if (int8) {
-              top = int_scale_max(istrip.get() + i * nb,
-                                  offset_b_all.const_data_ptr<int32_t>() + b * nb,
-                                  scale_b_all.const_data_ptr<float>() + b * nb, s, nb);
-              unit = inv_a * step[b * n + tok_a];
-            } else {
-              top = scale_max(s, inv_b, nb);  // NaN if bfloat16 products overflowed
-              unit = inv_a;
-            }
-            const char* row_a = metric_row(metric, b, tok_a);
-            const auto row_b = [&](int64_t j) { return metric_row(metric, b, 2 * j + 1); };
-            const auto exact_score = [&](int64_t j) {
-              return dot(dtype, row_a, row_b(j), cm) * inv_b[j];
-            };
-            // An exact score is within e(rho_b) = alpha + beta rho_b (cosine units) of s~ u.
-            // The best exact score is at least that of the top, itself at least
-            // s~_top u - e(rho_max): one pass over the strip shortlists every j with
-            //   s~_j + (beta / u) rho_b_j >= s~_top - (2 alpha + beta rho_max) / u,
-            // which holds every j that could beat or tie it. The exact score of the first j
-            // reaching the top then narrows the list to
-            //   s~_j + (beta / u) rho_b_j >= (exact_top / |a| - alpha) / u.
-            const auto e = score_error_bound(cm, rho[b * n + tok_a]);
-            const float* slack = rho_b_all.const_data_ptr<float>() + b * nb;
-            const float coef = static_cast<float>(e.beta / unit);
-            const float wide = std::nextafter(
-                static_cast<float>(top - (2.0 * e.alpha + e.beta * rho_b_max[b]) / unit),
-                -INFINITY);
-            const bool bounded = !std::isnan(wide) && wide != -INFINITY && std::isfinite(coef);
-            int64_t count;
-            if (bounded) {
-              count = at_least(s, slack, coef, nb, wide, candidates.data());
-            } else {  // no usable bound: re-score all
-              std::iota(candidates.begin(), candidates.end(), 0);
-              count = nb;
-            }
-            arg = candidates[0];
-            for (int64_t c = 0; c < count; ++c) {
-              if (s[candidates[c]] == top) {
-                arg = candidates[c];
-                break;
-              }
-            }
-            best = exact_score(arg);
-            if (bounded) {
-              const float floor = std::nextafter(
-                  static_cast<float>((static_cast<double>(best) * inv_a - e.alpha) / unit),
-                  -INFINITY);
-              int64_t kept = 0;
-              for (int64_t c = 0; c < count; ++c) {
-                const int64_t j = candidates[c];
-                // The same fused multiply-add as the vector pass: the same rounding.
-                if (std::fma(slack[j], coef, s[j]) >= floor) candidates[kept++] = j;
-              }
-              count = kept;
-            }
-            const int64_t first = arg;
-            for (int64_t c = 0; c < count; ++c) {
-              const int64_t j = candidates[c];
-              if (c + 1 < count) prefetch(row_b(candidates[c + 1]), row_bytes);
-              if (j == first) continue;
-              const float exact = exact_score(j);
-              // Candidates come in index order: the lowest index wins a tie.
-              if (exact > best || (exact == best && j < arg)) {
-                best = exact;
-                arg = j;
-              }
-            }
+          const auto e = score_error_bound(cm, rho[b * n + tok_a]);
+          row.unit = int8 ? inv_a * step[b * n + tok_a] : inv_a;
+          row.coef = static_cast<float>(e.beta / row.unit);
+          row.alpha = e.alpha;
+          row.width = std::nextafter(
+              static_cast<float>((2.0 * e.alpha + e.beta * rho_max) / row.unit), INFINITY);
+          row.top = -INFINITY;
+          row.wide = -INFINITY;
+          row.arg = 0;
+          row.count = 0;
+          row.all = !std::isfinite(row.coef) || !std::isfinite(row.width);
+          row.scan = inv_a > 0.0f && !row.all;
+        }
+        const char* a_tile = prep.copy ? a_rows.get() : metric_row(metric, b, 2 * i0);
+        const char* bt = btbase + b * prep.bt.stride(0) * op_size;
+        for (int64_t j0 = 0; j0 < nb; j0 += kPanelCols) {
+          const int64_t cols = std::min(kPanelCols, nb - j0);
+          if (int8) {
+            at::native::cpublas::brgemm(
+                m, cols, prep.k, lda, nb, kPanelCols, false,
+                reinterpret_cast<const unsigned char*>(a_tile),
+                reinterpret_cast<const signed char*>(bt) + j0 * 4, panel.get(), true);
           } else {
-            best = 0.0f;
+            at::native::cpublas::brgemm(
+                m, cols, prep.k, lda, nb, kPanelCols, false,
+                reinterpret_cast<const at::BFloat16*>(a_tile),
+                reinterpret_cast<const at::BFloat16*>(bt) + j0 * 2,
+                reinterpret_cast<float*>(panel.get()), true);
           }
-          node_max[b * na + i0 + i] = best * inv_a;
-          node_idx[b * na + i0 + i] = arg;
+          const int32_t* offset =
+              int8 ? offset_b_all.const_data_ptr<int32_t>() + b * nb + j0 : nullptr;
+          const float* scale = int8 ? scale_b_all.const_data_ptr<float>() + b * nb + j0
+                                    : inv_b + j0;
+          for (int64_t i = 0; i < m; ++i) {
+            RowScan& row = rows[i];
+            if (!row.scan) continue;
+            const int32_t* c = panel.get() + i * kPanelCols;
+            const float* cf = reinterpret_cast<const float*>(c);
+            const auto scan = [&](float floor) {
+              return int8 ? scan_int(c, offset, scale, slack + j0, row.coef, floor, cols,
+                                     static_cast<int32_t>(j0), cand_idx.get() + i * room,
+                                     cand_value.get() + i * room, &row.count)
+                          : scan_float(cf, scale, slack + j0, row.coef, floor, cols,
+                                       static_cast<int32_t>(j0), cand_idx.get() + i * room,
+                                       cand_value.get() + i * room, &row.count);
+            };
+            // The shortlist's floor is the one so far: if this panel raises the top, the
+            // panel's list is longer than needed, never short. The first panel has no floor
+            // yet: its maximum is taken first (an infinite floor lists nothing).
+            const int64_t listed = row.count;
+            const float panel_top = scan(row.wide > -INFINITY ? row.wide : INFINITY);
+            // The top moves rarely (about ln(panels) times): its index is searched for then.
+            if (panel_top > row.top) {  // later panels lose ties
+              row.arg = j0 + (int8 ? first_int(c, offset, scale, cols, panel_top)
+                                   : first_float(cf, scale, cols, panel_top));
+              const bool first_panel = row.top == -INFINITY;
+              row.top = panel_top;
+              row.wide = std::nextafter(row.top - row.width, -INFINITY);
+              if (first_panel && row.wide > -INFINITY) {
+                row.count = listed;
+                scan(row.wide);
+              }
+            }
+            if (!(row.wide > -INFINITY) || std::isnan(panel_top)) {  // NaN: overflowed sums
+              row.scan = false;
+              row.all = true;
+            }
+          }
+        }
+        // Two sweeps over the tile's rows, each fetching rows it will need a step ahead
+        // (their addresses are known): the exact scores of the tops, which narrow the lists,
+        // then the exact scores of what the lists keep.
+        const auto row_b = [&](int64_t j) { return metric_row(metric, b, 2 * j + 1); };
+        const auto exact_score = [&](int64_t i, int64_t j) {
+          return dot(dtype, metric_row(metric, b, 2 * (i0 + i)), row_b(j), cm) * inv_b[j];
+        };
+        for (int64_t i = 0; i < std::min<int64_t>(m, 2); ++i) {
+          prefetch(row_b(rows[i].arg), row_bytes);
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          RowScan& row = rows[i];
+          if (i + 2 < m) prefetch(row_b(rows[i + 2].arg), row_bytes);
+          const float inv_a = inv[b * n + 2 * (i0 + i)];
+          if (inv_a == 0.0f) {  // a zero row scores 0 everywhere: arg 0
+            row.top = 0.0f;
+            row.arg = 0;
+            row.count = 0;
+            continue;
+          }
+          row.top = exact_score(i, row.arg);  // from here on, exact
+          const float floor = std::nextafter(
+              static_cast<float>((static_cast<double>(row.top) * inv_a - row.alpha) /
+                                 row.unit),
+              -INFINITY);
+          if (row.all || std::isnan(floor) || floor == -INFINITY) {
+            row.all = true;
+            row.count = nb;
+            continue;
+          }
+          int32_t* kept = cand_idx.get() + i * room;
+          const float* value = cand_value.get() + i * room;
+          int64_t count = 0;
+          for (int64_t c = 0; c < row.count; ++c) {
+            if (value[c] >= floor) kept[count++] = kept[c];
+          }
+          row.count = count;
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          RowScan& row = rows[i];
+          if (i + 1 < m && !rows[i + 1].all) {
+            const int32_t* next = cand_idx.get() + (i + 1) * room;
+            for (int64_t c = 0; c < std::min(rows[i + 1].count, kPrefetchRows); ++c) {
+              prefetch(row_b(next[c]), row_bytes);
+            }
+          }
+          const int64_t first = row.arg;
+          for (int64_t c = 0; c < row.count; ++c) {
+            const int64_t j = row.all ? c : cand_idx[i * room + c];
+            if (j == first) continue;
+            const float exact = exact_score(i, j);
+            // Candidates come in index order: the lowest index wins a tie.
+            if (exact > row.top || (exact == row.top && j < row.arg)) {
+              row.top = exact;
+              row.arg = j;
+            }
+          }
+          node_max[b * na + i0 + i] = row.top * inv[b * n + 2 * (i0 + i)];
+          node_idx[b * na + i0 + i] = row.arg;
         }
       }
       at::native::cpublas::brgemm_release(true);

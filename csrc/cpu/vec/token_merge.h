@@ -34,15 +34,6 @@ MMFAST_DECLARE_ISA_KERNEL(
 MMFAST_DECLARE_ISA_KERNEL(
     float row_dot(c10::ScalarType dtype, const void* a, const void* b, int64_t n))
 
-// s[j] *= scale[j] for j < n; returns max_j s[j] (-inf for n = 0).
-MMFAST_DECLARE_ISA_KERNEL(float scale_and_max(float* s, const float* scale, int64_t n))
-
-// Writes the indices j < n with s[j] + coef * slack[j] >= floor (one fused multiply-add),
-// ascending, to out; returns how many.
-MMFAST_DECLARE_ISA_KERNEL(
-    int64_t indices_at_least(const float* s, const float* slack, float coef, int64_t n,
-                             float floor, int64_t* out))
-
 // Returns sum_c src[c]^2 (float32; NaN and Inf propagate), writes dst[c] = bfloat16(src[c])
 // and *residual_sumsq = sum_c (src[c] - dst[c])^2.
 MMFAST_DECLARE_ISA_KERNEL(
@@ -60,8 +51,24 @@ MMFAST_DECLARE_ISA_KERNEL(
                             uint8_t flip, float* step_out, float* residual_sumsq,
                             int32_t* q_sum))
 
-// s[j] = float(c[j] - offset[j]) * scale[j] for j < n (finite scale: s is never NaN); returns
-// max_j s[j] (-inf for n = 0).
+// One row of a GEMM panel, n scores s_j = float(c[j] - offset[j]) * scale[j] (int32 sums) or
+// c[j] * scale[j] (float32): returns max_j s_j (-inf for n = 0; NaN if an s_j is NaN), and
+// appends the j with v_j = s_j + coef * slack[j] >= floor (one fused multiply-add) in
+// ascending order, idx[k] = base + j and value[k] = v_j for k from *count on, which it
+// advances. idx and value must have room for kScanSlack elements past the last one written.
+constexpr int64_t kScanSlack = 16;
 MMFAST_DECLARE_ISA_KERNEL(
-    float int_scale_and_max(const int32_t* c, const int32_t* offset, const float* scale,
-                            float* s, int64_t n))
+    float scan_int_panel(const int32_t* c, const int32_t* offset, const float* scale,
+                         const float* slack, float coef, float floor, int64_t n, int32_t base,
+                         int32_t* idx, float* value, int64_t* count))
+MMFAST_DECLARE_ISA_KERNEL(
+    float scan_float_panel(const float* c, const float* scale, const float* slack, float coef,
+                           float floor, int64_t n, int32_t base, int32_t* idx, float* value,
+                           int64_t* count))
+
+// The first j < n whose score (as scan_*_panel computes it) equals top; n if none does.
+MMFAST_DECLARE_ISA_KERNEL(
+    int64_t first_int_at(const int32_t* c, const int32_t* offset, const float* scale, int64_t n,
+                         float top))
+MMFAST_DECLARE_ISA_KERNEL(
+    int64_t first_float_at(const float* c, const float* scale, int64_t n, float top))
