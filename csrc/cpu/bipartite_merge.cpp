@@ -556,6 +556,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
   const char* xbase = static_cast<const char*>(xc.const_data_ptr());
   char* obase = static_cast<char*>(merged.mutable_data_ptr());
   const auto wsum = MMFAST_PICK_ISA(weighted_row_sum);
+  const auto copy_row = MMFAST_PICK_ISA(copy_row_streaming);
+  const auto fence = MMFAST_PICK_ISA(streaming_fence);
   const int64_t grain = std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(c, 1));
   at::parallel_for(0, bsz * m_out, grain, [&](int64_t t0, int64_t t1) {
     std::vector<float> acc(c);
@@ -583,12 +585,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
         }
       }
       if (count == 1) {  // a token that merged with nothing is copied exactly
-        std::memcpy(out_row, xb + tokens[0] * xc.stride(1) * esize, c * esize);
+        copy_row(xb + tokens[0] * xc.stride(1) * esize, out_row, c * esize);
       } else {
         wsum(dtype, xb, xc.stride(1), tokens, weights.data(), count, 1.0f / total, acc.data(),
              out_row, c);
       }
     }
+    fence();
   });
   return {merged, merged_size, dest};
 }

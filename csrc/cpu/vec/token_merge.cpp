@@ -10,6 +10,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <type_traits>
@@ -49,6 +50,25 @@ inline void store_chunk(T* p, int64_t n, const fVec& lo, const fVec& hi) {
     const auto v = at::vec::convert_from_float<T>(lo, hi);
     if (n >= kChunk) v.store(p); else v.store(p, n);
   }
+}
+
+// store_chunk for a row written once and not read back soon: full, 64-byte aligned chunks
+// bypass the cache where the ISA has such stores (see copy_row_streaming).
+template <typename T>
+inline void stream_chunk(T* p, int64_t n, const fVec& lo, const fVec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n >= kChunk && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+    if constexpr (std::is_same_v<T, float>) {
+      _mm512_stream_ps(p, lo);
+      _mm512_stream_ps(p + kW, hi);
+    } else {
+      const auto v = at::vec::convert_from_float<T>(lo, hi);
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(p), __m512i(v));
+    }
+    return;
+  }
+#endif
+  store_chunk(p, n, lo, hi);
 }
 
 // dst[l] = byte(v[l]) ^ flip for l < m, v in [-128, 127].
@@ -103,7 +123,7 @@ void weighted_sum(const T* x, int64_t row_stride, const int64_t* rows, const flo
       hi = at::vec::fmadd(hi1, w1, hi);
     }
     if (count <= 2) {
-      store_chunk(out + c, m, lo * s, hi * s);
+      stream_chunk(out + c, m, lo * s, hi * s);
     } else {
       store_chunk(acc + c, m, lo, hi);
     }
@@ -119,7 +139,7 @@ void weighted_sum(const T* x, int64_t row_stride, const int64_t* rows, const flo
       lo = at::vec::fmadd(lo, w, a0);
       hi = at::vec::fmadd(hi, w, a1);
       if (k + 1 == count) {
-        store_chunk(out + c, m, lo * s, hi * s);
+        stream_chunk(out + c, m, lo * s, hi * s);
       } else {
         store_chunk(acc + c, m, lo, hi);
       }
@@ -457,6 +477,29 @@ int64_t first_int_at(const int32_t* c, const int32_t* offset, const float* scale
 
 int64_t first_float_at(const float* c, const float* scale, int64_t n, float top) {
   return first_at(c, nullptr, scale, n, top);
+}
+
+void copy_row_streaming(const void* src, void* dst, int64_t bytes) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (reinterpret_cast<uintptr_t>(dst) % 64 == 0) {
+    const char* s = static_cast<const char*>(src);
+    char* d = static_cast<char*>(dst);
+    int64_t off = 0;
+    for (; off + 64 <= bytes; off += 64) {
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(d + off),
+                          _mm512_loadu_si512(s + off));
+    }
+    std::memcpy(d + off, s + off, bytes - off);
+    return;
+  }
+#endif
+  std::memcpy(dst, src, bytes);
+}
+
+void streaming_fence() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
 }
 
 void transpose32(const void* src, int64_t ld_src, void* dst, int64_t ld_dst, int64_t rows,

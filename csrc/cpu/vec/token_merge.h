@@ -14,11 +14,21 @@ MMFAST_DECLARE_ISA_KERNEL(
     float row_sumsq(c10::ScalarType dtype, const void* row, int64_t n))
 
 // out[c] = scale * sum_k weights[k] * x[rows[k] * row_stride + c], summed in the order of
-// `rows` (deterministic); acc is float32 scratch of n elements.
+// `rows` (deterministic); acc is float32 scratch of n elements. out is written with
+// cache-bypassing stores where possible (see streaming_fence).
 MMFAST_DECLARE_ISA_KERNEL(
     void weighted_row_sum(c10::ScalarType dtype, const void* x, int64_t row_stride,
                           const int64_t* rows, const float* weights, int64_t count, float scale,
                           float* acc, void* out, int64_t n))
+
+// memcpy(dst, src, bytes), with stores that bypass the cache where the ISA has them and dst is
+// aligned: the merge writes a fresh output once, and reading its lines in first would only
+// add memory traffic.
+MMFAST_DECLARE_ISA_KERNEL(void copy_row_streaming(const void* src, void* dst, int64_t bytes))
+
+// Orders the cache-bypassing stores of copy_row_streaming and weighted_row_sum before what
+// follows (a thread calls it before its results are read by others).
+MMFAST_DECLARE_ISA_KERNEL(void streaming_fence())
 
 // dst[c] = factor * src[c]
 MMFAST_DECLARE_ISA_KERNEL(
