@@ -2,9 +2,10 @@
 // soft matching + size-weighted merge).
 //
 // Forward, per sample: (1) inverse L2 norms of the metric rows (non-finite rows are an error);
-// (2) for tiles of kTileA A tokens, int8 (or bfloat16) brgemm calls fill a strip of
-// approximate scores against every B token, and the few B tokens near each row's maximum are
-// re-scored exactly in float32 (see best_matches): the A x B matrix never exists; (3) the r
+// (2) for tiles of kTileA A tokens, int8 (or bfloat16) brgemm calls score a panel of B
+// tokens at a time, each panel is scanned while in cache for the B tokens near each row's
+// maximum, and those are re-scored exactly in float32 (see best_matches): the A x B matrix
+// never exists; (3) the r
 // best A tokens by (score desc, index asc); (4) every output row is the size-weighted mean of
 // its group, summed in a fixed order (the row's own token, then its merged A tokens by index):
 // deterministic whatever the thread count.
@@ -239,7 +240,7 @@ ScoreBound score_error_bound(int64_t k, double rho_a) {
           1.0 + rho_a + gamma * (1.0 + rho_a)};
 }
 
-constexpr int64_t kPanelCols = 128;  // B tokens per GEMM call (its output stays in cache)
+constexpr int64_t kPanelCols = 512;  // B tokens per GEMM call (its output stays in L2)
 // Most candidate rows fetched ahead of their exact re-scores.
 constexpr int64_t kPrefetchRows = 8;
 

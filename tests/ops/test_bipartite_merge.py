@@ -256,13 +256,13 @@ def test_cuda_matches_reference(backend, dtype):
             assert_close(x.grad, x64.grad, atol=atol, rtol=rtol, name=f"dx {s}")
 
 
-@pytest.mark.parametrize("nb", [11, 300])
+@pytest.mark.parametrize("nb", [11, 1100])
 def test_near_ties_below_bfloat16_resolution(nb):
     # Directions on a circle: 11 B tokens 0.02 rad apart, each of 11 A tokens a distinct
     # small angle past one of them. Scores differ by ~1e-5: far above float32 rounding, far
     # below what a bfloat16 or int8 GEMM resolves. The CPU kernel's approximate GEMM only
     # shortlists candidates; the exact re-scoring must still make ToMe's choice (best B, then
-    # ranking of the A tokens). With nb = 300 the 11 B tokens are spread over the CPU
+    # ranking of the A tokens). With nb = 1100 the 11 B tokens are spread over the CPU
     # kernel's GEMM panels, among tokens in other dimensions (similarity 0 to the circle).
     near = 11
     theta_b = torch.arange(near, dtype=torch.float64) * 0.02
@@ -344,7 +344,7 @@ def test_each_isa_build(isa):
         "  assert torch.allclose(dx.double(), want, atol=tol, rtol=tol), dt\n"
         "from tests.ops import test_bipartite_merge as t\n"
         "t.test_near_ties_below_bfloat16_resolution(11)\n"
-        "t.test_near_ties_below_bfloat16_resolution(300)\n"
+        "t.test_near_ties_below_bfloat16_resolution(1100)\n"
         "for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
         "  t.test_outlier_channels_keep_the_exact_choice(dt)\n"
     )
