@@ -109,6 +109,12 @@ struct PreparedMetric {
                         // adds this to every product with B row
 };
 
+// Nonzero metric rows must have a norm of at least 2^-50: the product of two such norms
+// (2^-100) keeps every float32 dot product far above the range where float32 loses
+// precision (2^-126), and the bfloat16 dot-product instruction's flushing of values below
+// 2^-126 changes a sum by less than 2^-66 of |a| |b| (Cm <= 65536).
+constexpr double kMinSumSq = 0x1p-100;
+
 // Rows are read every other one (A or B tokens) or in an order known just before (the exact
 // re-scores): the hardware prefetcher misses them, so the next row is fetched while the
 // current one is summed.
@@ -154,6 +160,21 @@ void prepare_row(const at::Tensor& metric, PreparedMetric& prep, int64_t b, int6
                         "at [", b, ", ", t, ", ", c, "]; similarities would be NaN");
       ss += v * v;
     }
+  }
+  if (ss < kMinSumSq) {
+    // A zero row (similarity 0 to all), or one too small for float32 dot products: its
+    // products with another such row would fall below float32's normal range. Tell them
+    // apart in double.
+    double exact = 0.0;
+    for (int64_t c = 0; c < cm; ++c) {
+      const double v = element_as_double(dtype, row, c);
+      exact += v * v;
+    }
+    TORCH_CHECK_VALUE(exact == 0.0, "bipartite_merge: metric row [", b, ", ", t, "] has norm ",
+                      std::sqrt(exact), ", below 2^-50 but not 0: its float32 similarities "
+                      "would lose their precision; scale the metric up (cosine similarity "
+                      "does not depend on its scale)");
+    ss = 0.0;
   }
   prep.inv_norm.mutable_data_ptr<float>()[flat] =
       ss > 0.0 ? static_cast<float>(1.0 / std::sqrt(ss)) : 0.0f;
@@ -302,6 +323,7 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
     const int64_t tile_rows = balanced_block(bsz, na, kTileA);
     const int64_t tiles = (na + tile_rows - 1) / tile_rows;
     const auto dot = MMFAST_PICK_ISA(row_dot);
+    const auto bf16_dot = MMFAST_PICK_ISA(bf16_row_dot);
     const auto scan_int = MMFAST_PICK_ISA(scan_int_panel);
     const auto scan_float = MMFAST_PICK_ISA(scan_float_panel);
     const auto first_int = MMFAST_PICK_ISA(first_int_at);
@@ -411,7 +433,10 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
         // then the exact scores of what the lists keep.
         const auto row_b = [&](int64_t j) { return metric_row(metric, b, 2 * j + 1); };
         const auto exact_score = [&](int64_t i, int64_t j) {
-          return dot(dtype, metric_row(metric, b, 2 * (i0 + i)), row_b(j), cm) * inv_b[j];
+          const char* row_a = metric_row(metric, b, 2 * (i0 + i));
+          return (dtype == at::kBFloat16 ? bf16_dot(row_a, row_b(j), cm)
+                                         : dot(dtype, row_a, row_b(j), cm)) *
+                 inv_b[j];
         };
         for (int64_t i = 0; i < std::min<int64_t>(m, 2); ++i) {
           prefetch(row_b(rows[i].arg), row_bytes);

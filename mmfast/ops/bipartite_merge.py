@@ -28,7 +28,8 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, r: int, *, size=None,
     Differentiable in x (the matching itself is not: metric gets no gradient). A non-finite
     value in the metric is an error. Similarities are float32 dot products of the metric rows,
     scaled by the inverse norms afterwards: metric values must keep those dot products finite
-    in float32 (|values| up to ~1e18 for Cm = 1024).
+    in float32 (|values| up to ~1e18 for Cm = 1024), and on CPU a metric row that is not zero
+    must have a norm of at least 2^-50 (else an error: its products would underflow).
     On CPU the similarity GEMM runs in int8 (VNNI; bfloat16 on CPUs without it) and every B
     token that could still be a row's best within the GEMM's rounding is re-scored exactly; on CUDA a Triton kernel (float32 via
     3-pass TF32) finds the matches, then a deterministic selection and a segmented merge.

@@ -320,6 +320,16 @@ def test_outlier_channels_keep_the_exact_choice(dtype):
         _check_choice_up_to_rounding(x.to(dtype), metric.to(dtype), r, slack=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_tiny_metric_rows_are_an_error(dtype):
+    # A nonzero row of norm below 2^-50 would lose its float32 similarities to underflow (the
+    # CPU kernel says so instead); an exactly zero row is fine (similarity 0 to all).
+    metric = torch.randn(2, 41, 64)
+    metric[1, 6] *= 2.0 ** -90
+    with pytest.raises(ValueError, match=r"metric row \[1, 6\] has norm"):
+        mmfast.ops.bipartite_merge(torch.randn(2, 41, 5, dtype=dtype), metric.to(dtype), 3)
+
+
 @pytest.mark.parametrize("isa", ["default", "avx2"])
 def test_each_isa_build(isa):
     """The generic and AVX2 builds of the row loops (forced by MMFAST_CPU_ISA) make the same

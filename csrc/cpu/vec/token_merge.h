@@ -44,6 +44,10 @@ MMFAST_DECLARE_ISA_KERNEL(
 MMFAST_DECLARE_ISA_KERNEL(
     float row_dot(c10::ScalarType dtype, const void* a, const void* b, int64_t n))
 
+// row_dot of two bfloat16 rows. It may use the CPU's bfloat16 dot-product instruction, which
+// flushes values below 2^-126 to zero: the caller keeps rows far above that range.
+MMFAST_DECLARE_ISA_KERNEL(float bf16_row_dot(const void* a, const void* b, int64_t n))
+
 // Returns sum_c src[c]^2 (float32; NaN and Inf propagate), writes dst[c] = bfloat16(src[c])
 // and *residual_sumsq = sum_c (src[c] - dst[c])^2.
 MMFAST_DECLARE_ISA_KERNEL(
