@@ -412,8 +412,10 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
             const float panel_top = scan(row.wide > -INFINITY ? row.wide : INFINITY);
             // The top moves rarely (about ln(panels) times): its index is searched for then.
             if (panel_top > row.top) {  // later panels lose ties
-              row.arg = j0 + (int8 ? first_int(c, offset, scale, cols, panel_top)
-                                   : first_float(cf, scale, cols, panel_top));
+              const int64_t at_top = int8 ? first_int(c, offset, scale, cols, panel_top)
+                                          : first_float(cf, scale, cols, panel_top);
+              TORCH_INTERNAL_ASSERT(at_top < cols, "bipartite_merge: panel maximum not found");
+              row.arg = j0 + at_top;
               const bool first_panel = row.top == -INFINITY;
               row.top = panel_top;
               row.wide = std::nextafter(row.top - row.width, -INFINITY);
