@@ -39,7 +39,7 @@ namespace mmfast::cpu {
 
 namespace {
 
-constexpr int64_t kTileA = 64;  // A tokens per GEMM tile: rows of the float32 strip
+constexpr int64_t kTileA = 64;  // A tokens per GEMM tile: rows of each GEMM panel
 
 double element_as_double(at::ScalarType dtype, const char* row, int64_t c) {
   switch (dtype) {
