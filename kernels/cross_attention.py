@@ -29,14 +29,21 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # The media mode is a run-time flag (IMMEDIATE != 0), not a constexpr: one compiled kernel serves
 # both modes, and the comparison costs the same either way.
 @triton.jit
-def _skip_block(QLO, QHI, qidx, KLO, KHI, KANY, kidx, IMMEDIATE):
-    """No query of query tile qidx may attend a key of key block kidx (flat indices into the
-    per-call [B, nqt] / [B, nkb] summaries)."""
-    qlo = tl.load(QLO + qidx)
-    qhi = tl.load(QHI + qidx)
-    klo = tl.load(KLO + kidx)
-    khi = tl.load(KHI + kidx)
-    kany = tl.load(KANY + kidx)
+def _query_tile_codes(QLO, QHI, qidx):
+    """min/max media code of query tile qidx (a flat index into the [B, nqt] summaries)."""
+    return tl.load(QLO + qidx), tl.load(QHI + qidx)
+
+
+@triton.jit
+def _key_block_codes(KLO, KHI, KANY, kidx):
+    """min/max valid media code of key block kidx and whether it has a valid key (a flat
+    index into the [B, nkb] summaries)."""
+    return tl.load(KLO + kidx), tl.load(KHI + kidx), tl.load(KANY + kidx)
+
+
+@triton.jit
+def _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE):
+    """No query of the query tile may attend a key of the key block."""
     skip_immediate = (qhi < klo) | (qlo > khi)
     skip_previous = klo > qhi
     return (kany == 0) | ((IMMEDIATE != 0) & skip_immediate) | ((IMMEDIATE == 0) & skip_previous)
@@ -93,8 +100,10 @@ def xattn_fwd_kernel(
     acc = tl.zeros([BM, BD], tl.float32)
     k_base = K + b64 * skb + hk * skh
     v_base = V + b64 * svb + hk * svh
+    qlo, qhi = _query_tile_codes(QLO, QHI, b * nqt + pid_m)
     for kb in range(0, nkb):
-        if not _skip_block(QLO, QHI, b * nqt + pid_m, KLO, KHI, KANY, b * nkb + kb, IMMEDIATE):
+        klo, khi, kany = _key_block_codes(KLO, KHI, KANY, b * nkb + kb)
+        if not _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE):
             offs_k = kb * BN + offs_n
             k_ok = offs_k < Lk
             k = tl.load(k_base + offs_k[:, None] * skl + offs_d[None, :],
@@ -152,8 +161,10 @@ def xattn_bwd_dq_kernel(
     dq = tl.zeros([BM, BD], tl.float32)
     k_base = K + b64 * skb + hk * skh
     v_base = V + b64 * svb + hk * svh
+    qlo, qhi = _query_tile_codes(QLO, QHI, b * nqt + pid_m)
     for kb in range(0, nkb):
-        if not _skip_block(QLO, QHI, b * nqt + pid_m, KLO, KHI, KANY, b * nkb + kb, IMMEDIATE):
+        klo, khi, kany = _key_block_codes(KLO, KHI, KANY, b * nkb + kb)
+        if not _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE):
             offs_k = kb * BN + offs_n
             k_ok = offs_k < Lk
             kd = k_ok[:, None] & d_ok[None, :]
@@ -194,12 +205,13 @@ def xattn_bwd_dkdv_kernel(
     k = tl.load(K + b64 * skb + offs_k[:, None] * skl + hk * skh + offs_d[None, :], mask=kd, other=0.0)
     v = tl.load(V + b64 * svb + offs_k[:, None] * svl + hk * svh + offs_d[None, :], mask=kd, other=0.0)
     kc = tl.load(KC + b64 * Lk + offs_k, mask=k_ok, other=never)
+    klo, khi, kany = _key_block_codes(KLO, KHI, KANY, b * nkb + pid_n)
     dk = tl.zeros([BN, BD], tl.float32)
     dv = tl.zeros([BN, BD], tl.float32)
     for h in range(hk * group, hk * group + group):
         for qt in range(0, nqt):
-            if not _skip_block(QLO, QHI, b * nqt + qt, KLO, KHI, KANY, b * nkb + pid_n,
-                               IMMEDIATE):
+            qlo, qhi = _query_tile_codes(QLO, QHI, b * nqt + qt)
+            if not _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE):
                 offs_m = qt * BM + offs_m0
                 row_ok = offs_m < Lq
                 md = row_ok[:, None] & d_ok[None, :]
@@ -241,13 +253,14 @@ def xattn_mass_kernel(
     d_ok = offs_d < D
     b64 = b.to(tl.int64)
     kc = tl.load(KC + b64 * Lk + offs_k, mask=k_ok, other=never)
+    klo, khi, kany = _key_block_codes(KLO, KHI, KANY, b * nkb + pid_n)
     mass = tl.zeros([BN], tl.float32)
     for h in range(0, Hq):
         k = tl.load(K + b64 * skb + offs_k[:, None] * skl + (h // group) * skh + offs_d[None, :],
                     mask=k_ok[:, None] & d_ok[None, :], other=0.0)
         for qt in range(0, nqt):
-            if not _skip_block(QLO, QHI, b * nqt + qt, KLO, KHI, KANY, b * nkb + pid_n,
-                               IMMEDIATE):
+            qlo, qhi = _query_tile_codes(QLO, QHI, b * nqt + qt)
+            if not _skip_block(qlo, qhi, klo, khi, kany, IMMEDIATE):
                 offs_m = qt * BM + offs_m0
                 row_ok = offs_m < Lq
                 q = tl.load(Q + b64 * sqb + offs_m[:, None] * sql + h * sqh + offs_d[None, :],
