@@ -151,8 +151,12 @@ void prepare_row(const at::Tensor& metric, PreparedMetric& prep, int64_t b, int6
   } else {
     ss = MMFAST_PICK_ISA(row_sumsq)(dtype, row, cm);
   }
-  if (!std::isfinite(ss)) {
-    // Either a NaN/Inf value, or float32 overflow of the sum: tell them apart in double.
+  // A non-finite float32 sum is a NaN/Inf value or an overflow of the sum; one below
+  // kMinSumSq is a zero row (similarity 0 to all) or one too small for float32 dot products
+  // (its products with another such row would fall below float32's normal range). Tell them
+  // apart in double.
+  if (!std::isfinite(ss) || ss < kMinSumSq) {
+    const bool small = ss < kMinSumSq;
     ss = 0.0;
     for (int64_t c = 0; c < cm; ++c) {
       const double v = element_as_double(dtype, row, c);
@@ -160,21 +164,12 @@ void prepare_row(const at::Tensor& metric, PreparedMetric& prep, int64_t b, int6
                         "at [", b, ", ", t, ", ", c, "]; similarities would be NaN");
       ss += v * v;
     }
-  }
-  if (ss < kMinSumSq) {
-    // A zero row (similarity 0 to all), or one too small for float32 dot products: its
-    // products with another such row would fall below float32's normal range. Tell them
-    // apart in double.
-    double exact = 0.0;
-    for (int64_t c = 0; c < cm; ++c) {
-      const double v = element_as_double(dtype, row, c);
-      exact += v * v;
+    if (small) {
+      TORCH_CHECK_VALUE(ss == 0.0, "bipartite_merge: metric row [", b, ", ", t, "] has norm ",
+                        std::sqrt(ss), ", below 2^-50 but not 0: its float32 similarities "
+                        "would lose their precision; scale the metric up (cosine similarity "
+                        "does not depend on its scale)");
     }
-    TORCH_CHECK_VALUE(exact == 0.0, "bipartite_merge: metric row [", b, ", ", t, "] has norm ",
-                      std::sqrt(exact), ", below 2^-50 but not 0: its float32 similarities "
-                      "would lose their precision; scale the metric up (cosine similarity "
-                      "does not depend on its scale)");
-    ss = 0.0;
   }
   prep.inv_norm.mutable_data_ptr<float>()[flat] =
       ss > 0.0 ? static_cast<float>(1.0 / std::sqrt(ss)) : 0.0f;

@@ -31,8 +31,9 @@ def bipartite_merge(x: torch.Tensor, metric: torch.Tensor, r: int, *, size=None,
     in float32 (|values| up to ~1e18 for Cm = 1024), and on CPU a metric row that is not zero
     must have a norm of at least 2^-50 (else an error: its products would underflow).
     On CPU the similarity GEMM runs in int8 (VNNI; bfloat16 on CPUs without it) and every B
-    token that could still be a row's best within the GEMM's rounding is re-scored exactly; on CUDA a Triton kernel (float32 via
-    3-pass TF32) finds the matches, then a deterministic selection and a segmented merge.
+    token that could still be a row's best within the GEMM's rounding is re-scored exactly; on
+    CUDA a Triton kernel (float32 via 3-pass TF32) finds the matches, then a deterministic
+    selection and a segmented merge.
     """
     # The schema takes size positionally: register_autograd does not support keyword-only tensors.
     return torch.ops.mmfast.bipartite_merge(x, metric, r, size, protect_first)

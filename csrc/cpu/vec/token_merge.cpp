@@ -159,18 +159,22 @@ void scale(const T* src, float factor, T* dst, int64_t n) {
 }
 
 #if defined(CPU_CAPABILITY_AVX512)
-// row_sumsq_to_int8 for bfloat16 rows of a multiple of 32 elements. Each 32-bit lane of a
-// 64-byte load holds two bfloat16 values, and both are a float32 with no lane crossing: the
-// low one shifted up, the high one masked. Sums and maxima do not care about the order; the
+// The two bfloat16 values of each 32-bit lane of v as float32, with no lane crossing: the low
+// one shifted up (even), the high one masked (odd).
+inline void split_bf16_pairs(__m512i v, __m512& even, __m512& odd) {
+  even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+  odd = _mm512_castsi512_ps(
+      _mm512_and_si512(v, _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u))));
+}
+
+// row_sumsq_to_int8 for bfloat16 rows of a multiple of 32 elements, with split_bf16_pairs.
+// Sums and maxima do not care about the order; the
 // quantized pair is packed back into its lane before the bytes are narrowed, which restores
 // it. Fewer instructions than widening each half of the vector.
 float bf16_row_to_int8(const uint16_t* p, int64_t n, uint8_t* dst, uint8_t flip,
                        float* step_out, float* residual_sumsq, int32_t* q_sum) {
-  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   const auto split = [&](int64_t c, __m512& even, __m512& odd) {
-    const __m512i v = _mm512_loadu_si512(p + c);
-    even = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
-    odd = _mm512_castsi512_ps(_mm512_and_si512(v, high));
+    split_bf16_pairs(_mm512_loadu_si512(p + c), even, odd);
   };
   __m512 s0 = _mm512_setzero_ps(), s1 = s0, m0 = s0, m1 = s0;
   for (int64_t c = 0; c < n; c += 32) {
@@ -219,18 +223,17 @@ float bf16_row_to_int8(const uint16_t* p, int64_t n, uint8_t* dst, uint8_t flip,
   return sumsq;
 }
 
-// row_dot of bfloat16 rows of a multiple of 32 elements, with bf16_row_to_int8's split of
-// each 32-bit lane into two float32 values (no lane crossing), and eight independent sums.
+// row_dot of bfloat16 rows of a multiple of 32 elements, with split_bf16_pairs and eight
+// independent sums.
 float bf16_dot(const uint16_t* a, const uint16_t* b, int64_t n) {
-  const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
   __m512 s[8];
   for (auto& v : s) v = _mm512_setzero_ps();
   const auto step = [&](int64_t c, __m512& even_sum, __m512& odd_sum) {
-    const __m512i va = _mm512_loadu_si512(a + c), vb = _mm512_loadu_si512(b + c);
-    even_sum = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_slli_epi32(va, 16)),
-                               _mm512_castsi512_ps(_mm512_slli_epi32(vb, 16)), even_sum);
-    odd_sum = _mm512_fmadd_ps(_mm512_castsi512_ps(_mm512_and_si512(va, high)),
-                              _mm512_castsi512_ps(_mm512_and_si512(vb, high)), odd_sum);
+    __m512 a_even, a_odd, b_even, b_odd;
+    split_bf16_pairs(_mm512_loadu_si512(a + c), a_even, a_odd);
+    split_bf16_pairs(_mm512_loadu_si512(b + c), b_even, b_odd);
+    even_sum = _mm512_fmadd_ps(a_even, b_even, even_sum);
+    odd_sum = _mm512_fmadd_ps(a_odd, b_odd, odd_sum);
   };
   int64_t c = 0;
   for (; c + 128 <= n; c += 128) {
