@@ -2,10 +2,10 @@
 // soft matching + size-weighted merge).
 //
 // Forward, per sample: (1) inverse L2 norms of the metric rows (non-finite rows are an error);
-// (2) for tiles of kTileA A tokens, int8 (or bfloat16) brgemm calls score a panel of B
-// tokens at a time, each panel is scanned while in cache for the B tokens near each row's
-// maximum, and those are re-scored exactly in float32 (see best_matches): the A x B matrix
-// never exists; (3) the r
+// (2) for tiles of up to kTileA A tokens, int8 (or bfloat16) brgemm calls score a panel of
+// B tokens at a time against the tile, each panel is scanned while in cache for the B tokens
+// near each A token's maximum, and those are re-scored exactly in float32 (see best_matches):
+// the A x B matrix never exists; (3) the r
 // best A tokens by (score desc, index asc); (4) every output row is the size-weighted mean of
 // its group, summed in a fixed order (the row's own token, then its merged A tokens by index):
 // deterministic whatever the thread count.
@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -39,7 +40,9 @@ namespace mmfast::cpu {
 
 namespace {
 
-constexpr int64_t kTileA = 64;  // A tokens per GEMM tile: rows of each GEMM panel
+// A tokens per GEMM tile: the columns of each GEMM panel, in whole vectors of 16 (a partial
+// vector of columns costs the GEMM a full one).
+constexpr int64_t kTileA = 64;
 
 double element_as_double(at::ScalarType dtype, const char* row, int64_t c) {
   switch (dtype) {
@@ -82,7 +85,8 @@ FirstPass first_pass(int64_t columns) {
              : FirstPass::kBFloat16;
 }
 
-// The bfloat16 GEMM reads a bfloat16 metric in place when its rows already pair up for VNNI.
+// The bfloat16 GEMM reads a bfloat16 metric in place (B rows as they are, A rows as 32-bit
+// pairs transposed into the VNNI layout) when its rows are whole, aligned pairs.
 bool needs_copy(const at::Tensor& metric, FirstPass pass) {
   return pass == FirstPass::kInt8 || metric.scalar_type() != at::kBFloat16 ||
          metric.size(2) % 2 != 0 || metric.stride(2) != 1 || metric.stride(1) % 2 != 0 ||
@@ -94,8 +98,9 @@ bool needs_copy(const at::Tensor& metric, FirstPass pass) {
 // (to int8, or to bfloat16), rho = |m - m~| / |m|, the relative size of the rounding (bounds
 // the GEMM's error); the rounding never changes the result, since best_matches re-scores the
 // near-best candidates exactly. Rounded rows have K' columns (zero padded): K rounded up to
-// even for bfloat16, to a multiple of 4 for int8, where A rows (even tokens) are stored as
-// u8 = q + 128 and B rows (odd tokens) as s8 = q.
+// even for bfloat16, to a multiple of 4 for int8, where B rows (odd tokens: the GEMM's
+// row-major operand) are stored as u8 = q + 128 and A rows (even tokens: its VNNI operand)
+// as s8 = q.
 struct PreparedMetric {
   bool copy = false;    // the GEMM reads rounded rows, not the metric itself
   bool int8 = false;
@@ -103,10 +108,10 @@ struct PreparedMetric {
   int64_t op_size = 0;  // bytes per GEMM operand element
   at::Tensor inv_norm;  // [B, N] float32
   at::Tensor rho;       // [B, N] float32 (zeros without rounding)
-  at::Tensor bt;        // B rows in VNNI layout, 32-bit groups [B, K' / w, Nb, w], w = 4 / op_size
+  at::Tensor b_rows;    // with a copy: the rounded B rows [B, Nb, K']
   at::Tensor step;      // int8: [B, N] float32, each row's quantization step (m~ = q * step)
-  at::Tensor q_offset;  // int8: [B, N] int32, 128 * sum_c q[c]: the +128 of A's u8 operand
-                        // adds this to every product with B row
+  at::Tensor q_offset;  // int8: [B, N] int32, 128 * sum_c q[c]: the +128 of B's u8 operand
+                        // adds this (of A row t) to every product with A row t
 };
 
 // Nonzero metric rows must have a norm of at least 2^-50: the product of two such norms
@@ -137,7 +142,7 @@ void prepare_row(const at::Tensor& metric, PreparedMetric& prep, int64_t b, int6
   float residual = 0.0f;
   double ss;
   if (prep.int8) {
-    const uint8_t flip = t % 2 == 0 ? 0x80 : 0;  // A rows become u8 = q + 128
+    const uint8_t flip = t % 2 == 1 ? 0x80 : 0;  // B rows become u8 = q + 128
     int32_t q_sum = 0;
     ss = MMFAST_PICK_ISA(row_sumsq_to_int8)(dtype, row, cm, reinterpret_cast<uint8_t*>(dst),
                                             flip, prep.step.mutable_data_ptr<float>() + flat,
@@ -182,8 +187,9 @@ void prepare_row(const at::Tensor& metric, PreparedMetric& prep, int64_t b, int6
 }
 
 // Without `gemm`, the statistics of every row (non-finite values are an error whatever r is).
-// With it, those of the B rows, rounded and packed into bt; best_matches prepares the A rows
-// of each tile itself, into a buffer that stays in cache until their exact re-scores.
+// With it, those of the B rows, rounded into b_rows when the GEMM needs a copy; best_matches
+// prepares the A rows of each tile itself, into a buffer that stays in cache until their
+// exact re-scores.
 PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gemm) {
   const int64_t bsz = metric.size(0), n = metric.size(1), cm = metric.size(2);
   const int64_t nb = n / 2;
@@ -195,28 +201,20 @@ PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gem
   out.op_size = out.int8 ? 1 : 2;
   out.inv_norm = at::empty({bsz, n}, opts.dtype(at::kFloat));
   out.rho = at::zeros({bsz, n}, opts.dtype(at::kFloat));
-  const int64_t words = out.k * out.op_size / 4;  // 32-bit words per GEMM row
-  if (gemm) {
-    out.bt = at::empty({bsz, words, nb, 4 / out.op_size},
-                       opts.dtype(out.int8 ? at::kByte : at::kBFloat16));
+  if (out.copy) {
+    out.b_rows = at::empty({bsz, nb, out.k}, opts.dtype(out.int8 ? at::kByte : at::kBFloat16));
   }
   if (out.int8) {
     out.step = at::empty({bsz, n}, opts.dtype(at::kFloat));
     out.q_offset = at::empty({bsz, n}, opts.dtype(at::kInt));
   }
-  const auto transpose = MMFAST_PICK_ISA(transpose32);
-  const char* base = static_cast<const char*>(metric.const_data_ptr());
-  const int64_t esize = metric.element_size();
-  const int64_t row_bytes = cm * esize;
-  // A task: a block of up to 64 rows of one sample (B rows only with `gemm`). B rows are
-  // rounded into a buffer that stays in cache and transposed from there into bt.
+  char* b_rows = out.copy ? static_cast<char*>(out.b_rows.mutable_data_ptr()) : nullptr;
+  const int64_t row_bytes = cm * metric.element_size();
+  // A task: a block of up to 64 rows of one sample (B rows only with `gemm`).
   const int64_t rows = gemm ? nb : n;
-  // Blocks of whole 16 x 16 transposes.
-  const int64_t block = balanced_block(bsz, rows, 64, 16);
+  const int64_t block = balanced_block(bsz, rows, 64);
   const int64_t blocks = (rows + block - 1) / block;
   at::parallel_for(0, bsz * blocks, 1, [&](int64_t t0, int64_t t1) {
-    const auto buffer =
-        std::make_unique_for_overwrite<char[]>(out.copy ? block * out.k * out.op_size : 0);
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / blocks, r0 = (task % blocks) * block;
       const int64_t count = std::min(block, rows - r0);
@@ -224,16 +222,7 @@ PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gem
         const auto token = [&](int64_t r) { return gemm ? 2 * r + 1 : r; };
         if (q + 1 < count) prefetch(metric_row(metric, b, token(r0 + q + 1)), row_bytes);
         prepare_row(metric, out, b, token(r0 + q),
-                    out.copy ? buffer.get() + q * out.k * out.op_size : nullptr);
-      }
-      if (gemm) {
-        const char* src = out.copy ? buffer.get()
-                                   : base + (b * metric.stride(0) +
-                                             (2 * r0 + 1) * metric.stride(1)) * esize;
-        const int64_t ld_src = out.copy ? words : 2 * metric.stride(1) * esize / 4;
-        transpose(src, ld_src,
-                  static_cast<char*>(out.bt.mutable_data_ptr()) + (b * words * nb + r0) * 4,
-                  nb, count, words);
+                    out.copy ? b_rows + (b * nb + r0 + q) * out.k * out.op_size : nullptr);
       }
     }
   });
@@ -256,19 +245,18 @@ ScoreBound score_error_bound(int64_t k, double rho_a) {
           1.0 + rho_a + gamma * (1.0 + rho_a)};
 }
 
-constexpr int64_t kPanelCols = 512;  // B tokens per GEMM call (its output stays in L2)
+// B tokens per GEMM call: its output ([kPanelRows, kTileA], 512 KiB) stays in L2 while it is
+// scanned, and a LLaVA-NeXT image (1440 B tokens) fits in one panel.
+constexpr int64_t kPanelRows = 2048;
 // Most candidate rows fetched ahead of their exact re-scores.
 constexpr int64_t kPrefetchRows = 8;
 
-// One A row of a tile while the tile's panels are scanned: in units u of the cosine, the
-// running maximum `top` of s~ and the first j reaching it, and every j so far with
-// s~_j + coef rho_b_j >= top - width (ascending, with that value).
+// One A row of a tile: its bound's terms, then (after the scan) the top of s~ and the first j
+// reaching it, and how many j its list holds.
 struct RowScan {
-  float unit = 0.0f, coef = 0.0f;
+  float unit = 0.0f;
   double alpha = 0.0;
-  float width = 0.0f;      // (2 alpha + beta rho_max) / u, rounded up
   float top = -INFINITY;
-  float wide = -INFINITY;  // top - width, rounded down
   int64_t arg = 0;
   int64_t count = 0;
   bool scan = false;  // false for a zero row (similarity 0 everywhere) or without a bound
@@ -277,16 +265,17 @@ struct RowScan {
 
 // node_max[b, i] = max_j cos(a_i, b_j), node_idx[b, i] = the first j reaching it.
 //
-// Per tile of kTileA A tokens, approximate GEMM calls score the tile against a panel of
-// kPanelCols B tokens at a time (the A x B matrix never exists): s~_j, in units u of the
-// cosine; bfloat16, s~_j = (a . b_j)~ / |b_j| and u = 1 / |a|; int8,
+// Per tile of A tokens, approximate GEMM calls score a panel of kPanelRows B tokens at a time
+// against the tile's A tokens, the panel's columns (the A x B matrix never exists): s~_j, in
+// units u of the cosine; bfloat16, s~_j = (a . b_j)~ / |b_j| and u = 1 / |a|; int8,
 // s~_j = q_a . q_b_j * step_b_j / |b_j| and u = step_a / |a|. An exact score (a float32 dot
 // of the metric rows as given) is within e(rho_b) = alpha + beta rho_b of s~_j u. While the
-// panel is in cache, each row keeps its running maximum s~_top and shortlists every j with
-//   s~_j + (beta / u) rho_b_j >= s~_top - (2 alpha + beta rho_max) / u,
-// a superset (s~_top only grows) of the j that can beat or tie the exact score of the final
-// top, which is at least s~_top u - e(rho_max). After the last panel, the first j reaching
-// the top is scored exactly, the list narrows to
+// panel is in cache, it is scanned in B-token order (scan_*_rows): each column keeps its
+// running maximum s~_top, the first j reaching it, and every j with
+//   s~_j + (beta / u) rho_b_j >= s~_top - (2 alpha + beta rho_max) / u
+// at the time j is scanned, a superset (s~_top only grows) of the j that can beat or tie the
+// exact score of the final top, which is at least s~_top u - e(rho_max). After the last
+// panel, the first j reaching the top is scored exactly, the list narrows to
 //   s~_j + (beta / u) rho_b_j >= (exact_top / |a| - alpha) / u,
 // and those are re-scored: the best of them, lowest index on ties, is the argmax of the
 // cosine over all j. Exact scores depend only on the two rows, so equal rows give equal
@@ -301,52 +290,84 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
     std::fill(node_max, node_max + bsz * na, nb == 0 ? -INFINITY : 0.0f);
     std::fill(node_idx, node_idx + bsz * na, 0);
   } else {
-    TORCH_CHECK_VALUE(nb <= std::numeric_limits<int32_t>::max() - kScanSlack,
-                      "bipartite_merge: metric has ", n, " tokens; the CPU kernel takes fewer "
-                      "than 2^32");
+    TORCH_CHECK_VALUE(nb <= std::numeric_limits<int32_t>::max(), "bipartite_merge: metric has ",
+                      n, " tokens; the CPU kernel takes fewer than 2^32");
     const bool int8 = prep.int8;
     const auto rho = prep.rho.const_data_ptr<float>();
     const auto rho_b_all = prep.rho.slice(1, 1, n, 2).contiguous();  // [B, Nb]
     const auto rho_b_max = std::get<0>(at::max(rho_b_all, 1)).contiguous();  // [B]
     const auto inv_b_all = inv_norm.slice(1, 1, n, 2).contiguous();  // [B, Nb]
-    // int8: what turns q_a . q_b into s~ (per B column), and the offset to take off first.
+    // int8: what turns q_a . q_b into s~ (per B token).
     const auto scale_b_all = int8 ? at::mul(prep.step.slice(1, 1, n, 2), inv_b_all)
                                   : at::Tensor();
-    const auto offset_b_all = int8 ? prep.q_offset.slice(1, 1, n, 2).contiguous()
-                                   : at::Tensor();
     const float* step = int8 ? prep.step.const_data_ptr<float>() : nullptr;
-    const int64_t tile_rows = balanced_block(bsz, na, kTileA);
-    const int64_t tiles = (na + tile_rows - 1) / tile_rows;
+    const int32_t* q_offset = int8 ? prep.q_offset.const_data_ptr<int32_t>() : nullptr;
+    const int64_t tile_cols = balanced_block(bsz, na, kTileA, 16);
+    const int64_t tiles = (na + tile_cols - 1) / tile_cols;
     const auto dot = MMFAST_PICK_ISA(row_dot);
     const auto bf16_dot = MMFAST_PICK_ISA(bf16_row_dot);
-    const auto scan_int = MMFAST_PICK_ISA(scan_int_panel);
-    const auto scan_float = MMFAST_PICK_ISA(scan_float_panel);
-    const auto first_int = MMFAST_PICK_ISA(first_int_at);
-    const auto first_float = MMFAST_PICK_ISA(first_float_at);
+    const auto scan_int = MMFAST_PICK_ISA(scan_int_rows);
+    const auto scan_float = MMFAST_PICK_ISA(scan_float_rows);
+    const auto transpose = MMFAST_PICK_ISA(transpose32);
     const auto dtype = metric.scalar_type();
     const int64_t esize = metric.element_size();
-    const char* btbase = static_cast<const char*>(prep.bt.const_data_ptr());
     const int64_t op_size = prep.op_size;
+    const int64_t words = prep.k * op_size / 4;  // 32-bit words per GEMM row
     const int64_t row_bytes = cm * esize;
-    // Without a copy, the bfloat16 GEMM reads the A rows of the metric in place.
-    const int64_t lda = prep.copy ? prep.k : 2 * metric.stride(1);
-    at::parallel_for(0, bsz * tiles, 1, [&](int64_t t0, int64_t t1) {
+    // The GEMM's row-major operand: the rounded B rows, or (bfloat16 without a copy) the
+    // metric's B rows in place.
+    const int64_t ld_b = prep.copy ? prep.k : 2 * metric.stride(1);
+    const auto b_operand = [&](int64_t b) {
+      return prep.copy ? static_cast<const char*>(prep.b_rows.const_data_ptr()) +
+                             b * nb * prep.k * op_size
+                       : metric_row(metric, b, 1);
+    };
+    // Tiles are handed out one at a time from a shared counter: a thread slowed by other
+    // load on the machine takes fewer, instead of leaving the others waiting at the end.
+    std::atomic<int64_t> next_tile{0};
+    at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) {
       // Uninitialized: every element is written before it is read. The candidate lists
       // have room for every j of every row but are touched only as far as they fill.
       const auto a_rows =
           std::make_unique_for_overwrite<char[]>(prep.copy ? kTileA * prep.k * op_size : 0);
-      // The GEMM's output block: int32 sums (int8) or float32 (bfloat16).
-      const auto panel = std::make_unique_for_overwrite<int32_t[]>(kTileA * kPanelCols);
-      const int64_t room = nb + kScanSlack;
+      // The tile's A rows in the VNNI layout: [words][kTileA] 32-bit groups.
+      const auto a_vnni = std::make_unique_for_overwrite<int32_t[]>(words * kTileA);
+      // The GEMM's output block [kPanelRows, kTileA]: int32 sums (int8) or float32.
+      const auto panel = std::make_unique_for_overwrite<int32_t[]>(kPanelRows * kTileA);
+      const int64_t room = nb;
       const auto cand_idx = std::make_unique_for_overwrite<int32_t[]>(kTileA * room);
       const auto cand_value = std::make_unique_for_overwrite<float[]>(kTileA * room);
       std::vector<RowScan> rows(kTileA);
-      for (int64_t t = t0; t < t1; ++t) {
-        const int64_t b = t / tiles, i0 = (t % tiles) * tile_rows;
-        const int64_t m = std::min(tile_rows, na - i0);
+      std::vector<int32_t> offset(kTileA, 0), arg(kTileA);
+      std::vector<float> coef(kTileA), width(kTileA), top(kTileA), wide(kTileA);
+      std::vector<uint8_t> nan(kTileA);
+      std::vector<int64_t> count(kTileA);
+      ColumnScan state;
+      state.offset = offset.data();
+      state.coef = coef.data();
+      state.width = width.data();
+      state.top = top.data();
+      state.arg = arg.data();
+      state.wide = wide.data();
+      state.nan = nan.data();
+      state.idx = cand_idx.get();
+      state.value = cand_value.get();
+      state.room = room;
+      state.count = count.data();
+      for (int64_t t = next_tile++; t < bsz * tiles; t = next_tile++) {
+        const int64_t b = t / tiles, i0 = (t % tiles) * tile_cols;
+        const int64_t m = std::min(tile_cols, na - i0);
+        state.cols = m;
         const float* inv_b = inv_b_all.const_data_ptr<float>() + b * nb;
         const float* slack = rho_b_all.const_data_ptr<float>() + b * nb;
         const float rho_max = rho_b_max.const_data_ptr<float>()[b];
+        // Lanes past m (up to the vector) list nothing and are never read back.
+        std::fill(coef.begin(), coef.end(), 0.0f);
+        std::fill(width.begin(), width.end(), -INFINITY);
+        std::fill(top.begin(), top.end(), -INFINITY);
+        std::fill(wide.begin(), wide.end(), -INFINITY);
+        std::fill(nan.begin(), nan.end(), 0);
+        std::fill(count.begin(), count.end(), 0);
         for (int64_t i = 0; i < m; ++i) {
           const int64_t tok_a = 2 * (i0 + i);
           if (i + 1 < m) prefetch(metric_row(metric, b, tok_a + 2), row_bytes);
@@ -356,74 +377,52 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
           const float inv_a = inv[b * n + tok_a];
           const auto e = score_error_bound(cm, rho[b * n + tok_a]);
           row.unit = int8 ? inv_a * step[b * n + tok_a] : inv_a;
-          row.coef = static_cast<float>(e.beta / row.unit);
           row.alpha = e.alpha;
-          row.width = std::nextafter(
-              static_cast<float>((2.0 * e.alpha + e.beta * rho_max) / row.unit), INFINITY);
-          row.top = -INFINITY;
-          row.wide = -INFINITY;
           row.arg = 0;
           row.count = 0;
-          row.all = !std::isfinite(row.coef) || !std::isfinite(row.width);
+          const float row_coef = static_cast<float>(e.beta / row.unit);
+          const float row_width = std::nextafter(
+              static_cast<float>((2.0 * e.alpha + e.beta * rho_max) / row.unit), INFINITY);
+          row.all = !std::isfinite(row_coef) || !std::isfinite(row_width);
           row.scan = inv_a > 0.0f && !row.all;
+          if (row.scan) {
+            coef[i] = row_coef;
+            width[i] = row_width;
+          }
+          if (int8) offset[i] = q_offset[b * n + tok_a];
         }
-        const char* a_tile = prep.copy ? a_rows.get() : metric_row(metric, b, 2 * i0);
-        const char* bt = btbase + b * prep.bt.stride(0) * op_size;
-        for (int64_t j0 = 0; j0 < nb; j0 += kPanelCols) {
-          const int64_t cols = std::min(kPanelCols, nb - j0);
+        const char* a_src = prep.copy ? a_rows.get() : metric_row(metric, b, 2 * i0);
+        const int64_t ld_a_words = prep.copy ? words : 2 * metric.stride(1) * esize / 4;
+        transpose(a_src, ld_a_words, a_vnni.get(), kTileA, m, words);
+        const char* b_src = b_operand(b);
+        for (int64_t j0 = 0; j0 < nb; j0 += kPanelRows) {
+          const int64_t panel_rows = std::min(kPanelRows, nb - j0);
+          const char* b_panel = b_src + j0 * ld_b * op_size;
           if (int8) {
             at::native::cpublas::brgemm(
-                m, cols, prep.k, lda, nb, kPanelCols, false,
-                reinterpret_cast<const unsigned char*>(a_tile),
-                reinterpret_cast<const signed char*>(bt) + j0 * 4, panel.get(), true);
+                panel_rows, m, prep.k, ld_b, kTileA, kTileA, false,
+                reinterpret_cast<const unsigned char*>(b_panel),
+                reinterpret_cast<const signed char*>(a_vnni.get()), panel.get(), true);
+            scan_int(panel.get(), kTileA, panel_rows,
+                     scale_b_all.const_data_ptr<float>() + b * nb + j0, slack + j0,
+                     static_cast<int32_t>(j0), j0 == 0, state);
           } else {
             at::native::cpublas::brgemm(
-                m, cols, prep.k, lda, nb, kPanelCols, false,
-                reinterpret_cast<const at::BFloat16*>(a_tile),
-                reinterpret_cast<const at::BFloat16*>(bt) + j0 * 2,
+                panel_rows, m, prep.k, ld_b, kTileA, kTileA, false,
+                reinterpret_cast<const at::BFloat16*>(b_panel),
+                reinterpret_cast<const at::BFloat16*>(a_vnni.get()),
                 reinterpret_cast<float*>(panel.get()), true);
+            scan_float(reinterpret_cast<const float*>(panel.get()), kTileA, panel_rows,
+                       inv_b + j0, slack + j0, static_cast<int32_t>(j0), j0 == 0, state);
           }
-          const int32_t* offset =
-              int8 ? offset_b_all.const_data_ptr<int32_t>() + b * nb + j0 : nullptr;
-          const float* scale = int8 ? scale_b_all.const_data_ptr<float>() + b * nb + j0
-                                    : inv_b + j0;
-          for (int64_t i = 0; i < m; ++i) {
-            RowScan& row = rows[i];
-            if (!row.scan) continue;
-            const int32_t* c = panel.get() + i * kPanelCols;
-            const float* cf = reinterpret_cast<const float*>(c);
-            const auto scan = [&](float floor) {
-              return int8 ? scan_int(c, offset, scale, slack + j0, row.coef, floor, cols,
-                                     static_cast<int32_t>(j0), cand_idx.get() + i * room,
-                                     cand_value.get() + i * room, &row.count)
-                          : scan_float(cf, scale, slack + j0, row.coef, floor, cols,
-                                       static_cast<int32_t>(j0), cand_idx.get() + i * room,
-                                       cand_value.get() + i * room, &row.count);
-            };
-            // The shortlist's floor is the one so far: if this panel raises the top, the
-            // panel's list is longer than needed, never short. The first panel has no floor
-            // yet: its maximum is taken first (an infinite floor lists nothing).
-            const int64_t listed = row.count;
-            const float panel_top = scan(row.wide > -INFINITY ? row.wide : INFINITY);
-            // The top moves rarely (about ln(panels) times): its index is searched for then.
-            if (panel_top > row.top) {  // later panels lose ties
-              const int64_t at_top = int8 ? first_int(c, offset, scale, cols, panel_top)
-                                          : first_float(cf, scale, cols, panel_top);
-              TORCH_INTERNAL_ASSERT(at_top < cols, "bipartite_merge: panel maximum not found");
-              row.arg = j0 + at_top;
-              const bool first_panel = row.top == -INFINITY;
-              row.top = panel_top;
-              row.wide = std::nextafter(row.top - row.width, -INFINITY);
-              if (first_panel && row.wide > -INFINITY) {
-                row.count = listed;
-                scan(row.wide);
-              }
-            }
-            if (!(row.wide > -INFINITY) || std::isnan(panel_top)) {  // NaN: overflowed sums
-              row.scan = false;
-              row.all = true;
-            }
-          }
+        }
+        for (int64_t i = 0; i < m; ++i) {
+          RowScan& row = rows[i];
+          if (!row.scan) continue;
+          row.arg = arg[i];
+          row.count = count[i];
+          // No finite floor (no finite score), or NaN scores (overflowed float32 sums).
+          if (!(wide[i] > -INFINITY) || nan[i]) row.all = true;
         }
         // Two sweeps over the tile's rows, each fetching rows it will need a step ahead
         // (their addresses are known): the exact scores of the tops, which narrow the lists,

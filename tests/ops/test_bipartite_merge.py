@@ -50,13 +50,14 @@ def test_issue_shapes(n, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("n", [100, 1100])
+@pytest.mark.parametrize("n", [100, 4500])
 def test_duplicate_tokens_break_ties_by_lower_index(n, dtype):
     # A tokens repeat 4 directions and B tokens 5 others: every A token has several B tokens
     # of exactly equal similarity, and A tokens of one direction share their score exactly
     # (the same arithmetic on the same values). The lower index must win every tie. The
     # directions of A and B differ, so scores of different directions are not near-ties.
-    # N = 1100: equal B tokens also sit in different panels of the CPU kernel's GEMM.
+    # N = 4500: equal B tokens also sit in different panels of the CPU kernel's GEMM (2048 B
+    # tokens each).
     dirs_a, dirs_b = torch.randn(4, 16, dtype=dtype), torch.randn(5, 16, dtype=dtype)
     pick_a = torch.randint(0, 4, (3, (n + 1) // 2))
     pick_b = torch.randint(0, 5, (3, n // 2))
@@ -256,14 +257,15 @@ def test_cuda_matches_reference(backend, dtype):
             assert_close(x.grad, x64.grad, atol=atol, rtol=rtol, name=f"dx {s}")
 
 
-@pytest.mark.parametrize("nb", [11, 1100])
+@pytest.mark.parametrize("nb", [11, 2200])
 def test_near_ties_below_bfloat16_resolution(nb):
     # Directions on a circle: 11 B tokens 0.02 rad apart, each of 11 A tokens a distinct
     # small angle past one of them. Scores differ by ~1e-5: far above float32 rounding, far
     # below what a bfloat16 or int8 GEMM resolves. The CPU kernel's approximate GEMM only
     # shortlists candidates; the exact re-scoring must still make ToMe's choice (best B, then
-    # ranking of the A tokens). With nb = 1100 the 11 B tokens are spread over the CPU
-    # kernel's GEMM panels, among tokens in other dimensions (similarity 0 to the circle).
+    # ranking of the A tokens). With nb = 2200 the 11 B tokens are spread over the CPU
+    # kernel's two GEMM panels (2048 B tokens each), among tokens in other dimensions
+    # (similarity 0 to the circle): some A tokens find their best match in the second.
     near = 11
     theta_b = torch.arange(near, dtype=torch.float64) * 0.02
     theta_a = theta_b[torch.randperm(near)] + (torch.arange(near) + 1) * 0.02 / 30
@@ -354,7 +356,7 @@ def test_each_isa_build(isa):
         "  assert torch.allclose(dx.double(), want, atol=tol, rtol=tol), dt\n"
         "from tests.ops import test_bipartite_merge as t\n"
         "t.test_near_ties_below_bfloat16_resolution(11)\n"
-        "t.test_near_ties_below_bfloat16_resolution(1100)\n"
+        "t.test_near_ties_below_bfloat16_resolution(2200)\n"
         "for dt in (torch.float32, torch.bfloat16, torch.float16):\n"
         "  t.test_outlier_channels_keep_the_exact_choice(dt)\n"
     )

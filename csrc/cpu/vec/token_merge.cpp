@@ -6,6 +6,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
+#include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
@@ -430,130 +431,221 @@ float row_sumsq_to_int8(c10::ScalarType dtype, const void* src, int64_t n, uint8
 
 namespace {
 
-// s_j of a panel: float(c[j] - offset[j]) * scale[j] (int32 sums) or c[j] * scale[j].
+// A lane's score and listed value in scalar form: the same operations as the vector lanes,
+// so the same bits. Used only when a lane raises a top or is listed (rare).
 template <typename In>
-inline fVec panel_scores(const In* c, const int32_t* offset, const float* scale, int64_t j) {
+inline float lane_score(const In* c, int64_t ldc, const float* scale, const ColumnScan& st,
+                        int64_t p, int64_t i) {
   if constexpr (std::is_same_v<In, int32_t>) {
-    using IVec = at::vec::Vectorized<int32_t>;
-    const IVec d = IVec::loadu(c + j) - IVec::loadu(offset + j);
-    return at::vec::convert_to_fp_of_same_size<float>(d) * fVec::loadu(scale + j);
+    return static_cast<float>(c[p * ldc + i] - st.offset[i]) * scale[p];
   } else {
-    return fVec::loadu(c + j) * fVec::loadu(scale + j);
+    return c[p * ldc + i] * scale[p];
   }
 }
 
-template <typename In>
-inline float panel_score(const In* c, const int32_t* offset, const float* scale, int64_t j) {
-  if constexpr (std::is_same_v<In, int32_t>) {
-    return static_cast<float>(c[j] - offset[j]) * scale[j];
-  } else {
-    return c[j] * scale[j];
-  }
+template <typename F>
+inline void for_lanes(unsigned bits, int64_t q, const F& f) {
+  for (; bits != 0; bits &= bits - 1) f(q + __builtin_ctz(bits));
 }
 
+// Row p's listed lanes (bits of the vector at column q).
 template <typename In>
-float scan_panel(const In* c, const int32_t* offset, const float* scale, const float* slack,
-                 float coef, float floor, int64_t n, int32_t base, int32_t* idx, float* value,
-                 int64_t* count) {
-  // Float sums may have overflowed: their maximum propagates NaN (int sums give none, and a
-  // plain max is quicker).
-  const auto max_of = [](const fVec& x, const fVec& y) {
-    if constexpr (std::is_same_v<In, int32_t>) {
-      return at::vec::clamp_min(x, y);
+inline void list_lanes(const In* c, int64_t ldc, const float* scale, const float* slack,
+                       ColumnScan& st, int64_t p, int32_t j, unsigned bits, int64_t q) {
+  int32_t* const idx = st.idx;
+  float* const value = st.value;
+  int64_t* const count = st.count;
+  const int64_t room = st.room;
+  for_lanes(bits, q, [&](int64_t i) {
+    const int64_t k = count[i]++;
+    idx[i * room + k] = j;
+    value[i * room + k] = std::fma(slack[p], st.coef[i], lane_score(c, ldc, scale, st, p, i));
+  });
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// nv column vectors (cols <= 16 nv): the state of the whole tile stays in registers.
+template <int NV, typename In>
+void scan_rows_vec(const In* c, int64_t ldc, int64_t rows, const float* scale,
+                   const float* slack, int32_t base, bool first_panel, ColumnScan& st) {
+  constexpr bool kInt = std::is_same_v<In, int32_t>;
+  __mmask16 lanes[NV];
+  __m512i off[NV];
+  __m512 top[NV], wide[NV], coef[NV];
+  for (int v = 0; v < NV; ++v) {
+    const int64_t w = std::min<int64_t>(16, st.cols - 16 * v);
+    lanes[v] = static_cast<__mmask16>((1u << w) - 1);
+    off[v] = _mm512_loadu_si512(st.offset + 16 * v);
+    coef[v] = _mm512_loadu_ps(st.coef + 16 * v);
+  }
+  const auto scores = [&](int64_t p, int v) {
+    const __m512 sc = _mm512_set1_ps(scale[p]);
+    if constexpr (kInt) {
+      return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(
+                               _mm512_maskz_loadu_epi32(lanes[v], c + p * ldc + 16 * v), off[v])),
+                           sc);
     } else {
-      return at::vec::maximum(x, y);
+      return _mm512_mul_ps(_mm512_maskz_loadu_ps(lanes[v], c + p * ldc + 16 * v), sc);
     }
   };
-  fVec vmax(-std::numeric_limits<float>::infinity());
-  int64_t k = *count;
-  int64_t j = 0;
+  if (first_panel) {
+    // The panel's maximum per column and the first row reaching it, before anything is
+    // listed: the first panel's lists are then held to the floor of its own maximum, not to
+    // the far lower ones of its first rows. Strictly greater: the first row reaching the
+    // maximum keeps it; NaN never wins (the scan below marks it).
+    __m512i arg[NV];
+    for (int v = 0; v < NV; ++v) {
+      top[v] = _mm512_loadu_ps(st.top + 16 * v);
+      arg[v] = _mm512_loadu_si512(st.arg + 16 * v);
+    }
+    for (int64_t p = 0; p < rows; ++p) {
+      const __m512i j = _mm512_set1_epi32(base + static_cast<int32_t>(p));
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const __m512 sv = scores(p, v);
+        const __mmask16 up = _mm512_mask_cmp_ps_mask(lanes[v], sv, top[v], _CMP_GT_OQ);
+        top[v] = _mm512_mask_mov_ps(top[v], up, sv);
+        arg[v] = _mm512_mask_mov_epi32(arg[v], up, j);
+      }
+    }
+    for (int v = 0; v < NV; ++v) {
+      _mm512_storeu_ps(st.top + 16 * v, top[v]);
+      _mm512_storeu_si512(st.arg + 16 * v, arg[v]);
+    }
+    for (int64_t i = 0; i < st.cols; ++i) {
+      st.wide[i] =
+          std::nextafter(st.top[i] - st.width[i], -std::numeric_limits<float>::infinity());
+    }
+  }
+#pragma GCC unroll 4
+  for (int v = 0; v < NV; ++v) {
+    top[v] = _mm512_loadu_ps(st.top + 16 * v);
+    wide[v] = _mm512_loadu_ps(st.wide + 16 * v);
+  }
+  // The rows with listed lanes are recorded without a branch (a branch per row would
+  // mispredict about half the time) and listed after each chunk of rows, in row order.
+  constexpr int64_t kChunkRows = 256;
+  int32_t hit_row[kChunkRows];
+  uint64_t hit_lanes[kChunkRows];
+  for (int64_t p0 = 0; p0 < rows; p0 += kChunkRows) {
+    const int64_t p1 = std::min(rows, p0 + kChunkRows);
+    int64_t recorded = 0;
+    for (int64_t p = p0; p < p1; ++p) {
+      const __m512 sl = _mm512_set1_ps(slack[p]);
+      uint64_t lanes_hit = 0;
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        const __m512 sv = scores(p, v);
+        if constexpr (!kInt) {
+          const unsigned bad = _mm512_mask_cmp_ps_mask(lanes[v], sv, sv, _CMP_UNORD_Q);
+          if (bad != 0) for_lanes(bad, 16 * v, [&](int64_t i) { st.nan[i] = 1; });
+        }
+        const unsigned up = _mm512_mask_cmp_ps_mask(lanes[v], sv, top[v], _CMP_GT_OQ);
+        if (up != 0) {
+          for_lanes(up, 16 * v, [&](int64_t i) {
+            st.top[i] = lane_score(c, ldc, scale, st, p, i);
+            st.arg[i] = base + static_cast<int32_t>(p);
+            // Rounded down: the floor may list more rows than needed, never fewer.
+            st.wide[i] = std::nextafter(st.top[i] - st.width[i],
+                                        -std::numeric_limits<float>::infinity());
+          });
+          top[v] = _mm512_loadu_ps(st.top + 16 * v);
+          wide[v] = _mm512_loadu_ps(st.wide + 16 * v);
+        }
+        const __m512 val = _mm512_fmadd_ps(sl, coef[v], sv);
+        const uint64_t hit = _mm512_mask_cmp_ps_mask(lanes[v], val, wide[v], _CMP_GE_OQ);
+        lanes_hit |= hit << (16 * v);
+      }
+      hit_row[recorded] = static_cast<int32_t>(p);
+      hit_lanes[recorded] = lanes_hit;
+      recorded += lanes_hit != 0;
+    }
+    for (int64_t r = 0; r < recorded; ++r) {
+      const int64_t p = hit_row[r];
+      uint64_t bits = hit_lanes[r];
+      for (; bits != 0; bits &= bits - 1) {
+        const int64_t i = __builtin_ctzll(bits);
+        const int64_t k = st.count[i]++;
+        st.idx[i * st.room + k] = base + static_cast<int32_t>(p);
+        st.value[i * st.room + k] =
+            std::fma(slack[p], st.coef[i], lane_score(c, ldc, scale, st, p, i));
+      }
+    }
+  }
+}
+#endif
+
+template <typename In>
+void scan_rows(const In* c, int64_t ldc, int64_t rows, const float* scale, const float* slack,
+               int32_t base, bool first_panel, ColumnScan& st) {
+  constexpr bool kInt = std::is_same_v<In, int32_t>;
+  const int64_t cols = st.cols;
+  TORCH_CHECK(cols <= 64, "bipartite_merge: a scan takes at most 64 columns, got ", cols);
 #if defined(CPU_CAPABILITY_AVX512)
-  // Every block is compressed in registers and stored whole, hits or not: a branch on hits
-  // mispredicts often, the compressing store is slow on AMD Zen 4, and picking lanes out of
-  // a stored vector stalls on store forwarding.
-  const __m512 f = _mm512_set1_ps(floor), cf = _mm512_set1_ps(coef);
-  __m512i lane = _mm512_add_epi32(
-      _mm512_set1_epi32(base),
-      _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  for (; j + kW <= n; j += kW) {
-    const fVec sj = panel_scores(c, offset, scale, j);
-    vmax = max_of(vmax, sj);
-    const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(slack + j), cf, sj);
-    const __mmask16 hits = _mm512_cmp_ps_mask(v, f, _CMP_GE_OQ);
-    _mm512_storeu_ps(value + k, _mm512_maskz_compress_ps(hits, v));
-    _mm512_storeu_si512(idx + k, _mm512_maskz_compress_epi32(hits, lane));
-    k += __builtin_popcount(hits);
-    lane = _mm512_add_epi32(lane, _mm512_set1_epi32(kW));
+  switch ((cols + 15) / 16) {
+    case 1: return scan_rows_vec<1>(c, ldc, rows, scale, slack, base, first_panel, st);
+    case 2: return scan_rows_vec<2>(c, ldc, rows, scale, slack, base, first_panel, st);
+    case 3: return scan_rows_vec<3>(c, ldc, rows, scale, slack, base, first_panel, st);
+    case 4: return scan_rows_vec<4>(c, ldc, rows, scale, slack, base, first_panel, st);
+    default: return;
   }
 #else
-  const fVec f(floor), cf(coef);
-  alignas(64) float lanes[kW];
-  for (; j + kW <= n; j += kW) {
-    const fVec sj = panel_scores(c, offset, scale, j);
-    vmax = max_of(vmax, sj);
-    const fVec v = at::vec::fmadd(fVec::loadu(slack + j), cf, sj);
-    // zero_mask: bit l set where lane l is all-zero, i.e. where the value is below floor.
-    unsigned hits = ~static_cast<unsigned>((v >= f).zero_mask()) & ((1u << kW) - 1);
-    if (hits == 0) continue;
-    v.store(lanes);
-    for (; hits != 0; hits &= hits - 1) {
-      const int l = __builtin_ctz(hits);
-      idx[k] = base + static_cast<int32_t>(j + l);
-      value[k++] = lanes[l];
+  using IVec = at::vec::Vectorized<int32_t>;
+  const auto scores = [&](int64_t p, int64_t q, int64_t w) {
+    if constexpr (kInt) {
+      return at::vec::convert_to_fp_of_same_size<float>(IVec::loadu(c + p * ldc + q, w) -
+                                                        IVec::loadu(st.offset + q)) *
+             fVec(scale[p]);
+    } else {
+      return fVec::loadu(c + p * ldc + q, w) * fVec(scale[p]);
+    }
+  };
+  const auto raise = [&](int64_t p, int64_t i, int32_t j) {
+    st.top[i] = lane_score(c, ldc, scale, st, p, i);
+    st.arg[i] = j;
+    st.wide[i] = std::nextafter(st.top[i] - st.width[i], -std::numeric_limits<float>::infinity());
+  };
+  for (int64_t p = 0; p < rows && first_panel; ++p) {  // the panel's maxima first (see above)
+    const int32_t j = base + static_cast<int32_t>(p);
+    for (int64_t q = 0; q < cols; q += kW) {
+      const int64_t w = std::min(kW, cols - q);
+      const unsigned lanes = (1u << w) - 1;
+      const fVec sv = scores(p, q, w);
+      const unsigned up = ~static_cast<unsigned>((sv > fVec::loadu(st.top + q)).zero_mask()) & lanes;
+      if (up != 0) for_lanes(up, q, [&](int64_t i) { raise(p, i, j); });
+    }
+  }
+  for (int64_t p = 0; p < rows; ++p) {
+    const int32_t j = base + static_cast<int32_t>(p);
+    for (int64_t q = 0; q < cols; q += kW) {
+      const int64_t w = std::min(kW, cols - q);
+      const unsigned lanes = (1u << w) - 1;
+      const auto bits = [&](const fVec& m) { return ~static_cast<unsigned>(m.zero_mask()) & lanes; };
+      const fVec sv = scores(p, q, w);
+      if constexpr (!kInt) {
+        const unsigned bad = bits(sv.isnan());
+        if (bad != 0) for_lanes(bad, q, [&](int64_t i) { st.nan[i] = 1; });
+      }
+      const unsigned up = bits(sv > fVec::loadu(st.top + q));
+      if (up != 0) for_lanes(up, q, [&](int64_t i) { raise(p, i, j); });
+      const fVec val = at::vec::fmadd(fVec(slack[p]), fVec::loadu(st.coef + q), sv);
+      const unsigned hit = bits(val >= fVec::loadu(st.wide + q));
+      if (hit != 0) list_lanes(c, ldc, scale, slack, st, p, j, hit, q);
     }
   }
 #endif
-  float top = at::vec::vec_reduce_all<float>(
-      [&](fVec& x, fVec& y) { return max_of(x, y); }, vmax);
-  for (; j < n; ++j) {
-    const float sj = panel_score(c, offset, scale, j);
-    top = std::isnan(sj) || std::isnan(top) ? std::numeric_limits<float>::quiet_NaN()
-                                            : std::max(top, sj);
-    const float v = std::fma(slack[j], coef, sj);
-    if (v >= floor) {
-      idx[k] = base + static_cast<int32_t>(j);
-      value[k++] = v;
-    }
-  }
-  *count = k;
-  return top;
-}
-
-template <typename In>
-int64_t first_at(const In* c, const int32_t* offset, const float* scale, int64_t n, float top) {
-  int64_t j = 0;
-  const fVec t(top);
-  for (; j + kW <= n; j += kW) {
-    const int at_top = ~(panel_scores(c, offset, scale, j) == t).zero_mask() & ((1 << kW) - 1);
-    if (at_top != 0) return j + __builtin_ctz(at_top);
-  }
-  for (; j < n; ++j) {
-    if (panel_score(c, offset, scale, j) == top) return j;
-  }
-  return n;
 }
 
 }  // namespace
 
-float scan_int_panel(const int32_t* c, const int32_t* offset, const float* scale,
-                     const float* slack, float coef, float floor, int64_t n, int32_t base,
-                     int32_t* idx, float* value, int64_t* count) {
-  return scan_panel(c, offset, scale, slack, coef, floor, n, base, idx, value, count);
+void scan_int_rows(const int32_t* c, int64_t ldc, int64_t rows, const float* scale,
+                   const float* slack, int32_t base, bool first_panel, ColumnScan& state) {
+  scan_rows(c, ldc, rows, scale, slack, base, first_panel, state);
 }
 
-float scan_float_panel(const float* c, const float* scale, const float* slack, float coef,
-                       float floor, int64_t n, int32_t base, int32_t* idx, float* value,
-                       int64_t* count) {
-  return scan_panel(c, nullptr, scale, slack, coef, floor, n, base, idx, value, count);
-}
-
-int64_t first_int_at(const int32_t* c, const int32_t* offset, const float* scale, int64_t n,
-                     float top) {
-  return first_at(c, offset, scale, n, top);
-}
-
-int64_t first_float_at(const float* c, const float* scale, int64_t n, float top) {
-  return first_at(c, nullptr, scale, n, top);
+void scan_float_rows(const float* c, int64_t ldc, int64_t rows, const float* scale,
+                     const float* slack, int32_t base, bool first_panel, ColumnScan& state) {
+  scan_rows(c, ldc, rows, scale, slack, base, first_panel, state);
 }
 
 void copy_row_streaming(const void* src, void* dst, int64_t bytes) {
@@ -579,11 +671,69 @@ void streaming_fence() {
 #endif
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+namespace {
+
+// One block of up to 16 x 16 words: rows of src (cols words each) become rows of dst. Four
+// shuffle stages in registers, one load per source row and one store per destination row.
+// (ATen's transpose_mxn spills its registers to the stack here and took 4x as long.)
+inline void transpose_words_16x16(const float* s, int64_t ld_s, float* d, int64_t ld_d, int rows,
+                                  int cols) {
+  const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
+  const __mmask16 row_mask = static_cast<__mmask16>((1u << rows) - 1);
+  __m512 r[16];
+  for (int i = 0; i < 16; ++i) {
+    r[i] = i < rows ? _mm512_maskz_loadu_ps(col_mask, s + i * ld_s) : _mm512_setzero_ps();
+  }
+  // Per 128-bit lane k (words 4k..4k+3 of each row): pairs of rows interleaved ...
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  // ... then quads: u[4g + w] holds word 4k + w of rows 4g..4g+3 in lane k.
+  __m512 u[16];
+  for (int g = 0; g < 4; ++g) {
+    const auto pd = [](__m512 v) { return _mm512_castps_pd(v); };
+    u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * g]), pd(t[4 * g + 2])));
+    u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * g]), pd(t[4 * g + 2])));
+    u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(pd(t[4 * g + 1]), pd(t[4 * g + 3])));
+    u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(pd(t[4 * g + 1]), pd(t[4 * g + 3])));
+  }
+  // Lanes regrouped: for word w, 0x88 keeps lanes (0, 2) of each source, 0xdd lanes (1, 3).
+  for (int w = 0; w < 4; ++w) {
+    const __m512 even01 = _mm512_shuffle_f32x4(u[w], u[4 + w], 0x88);   // words w, 8+w
+    const __m512 odd01 = _mm512_shuffle_f32x4(u[w], u[4 + w], 0xdd);    // words 4+w, 12+w
+    const __m512 even23 = _mm512_shuffle_f32x4(u[8 + w], u[12 + w], 0x88);
+    const __m512 odd23 = _mm512_shuffle_f32x4(u[8 + w], u[12 + w], 0xdd);
+    const __m512 out[4] = {_mm512_shuffle_f32x4(even01, even23, 0x88),   // word w
+                           _mm512_shuffle_f32x4(odd01, odd23, 0x88),     // word 4 + w
+                           _mm512_shuffle_f32x4(even01, even23, 0xdd),   // word 8 + w
+                           _mm512_shuffle_f32x4(odd01, odd23, 0xdd)};    // word 12 + w
+    for (int k = 0; k < 4; ++k) {
+      const int word = 4 * k + w;
+      if (word < cols) _mm512_mask_storeu_ps(d + word * ld_d, row_mask, out[k]);
+    }
+  }
+}
+
+}  // namespace
+#endif
+
 void transpose32(const void* src, int64_t ld_src, void* dst, int64_t ld_dst, int64_t rows,
                  int64_t cols) {
   // Words are moved as float bit patterns: the vector shuffles never change a bit.
   const float* s = static_cast<const float*>(src);
   float* d = static_cast<float*>(dst);
+#if defined(CPU_CAPABILITY_AVX512)
+  for (int64_t r = 0; r < rows; r += 16) {
+    for (int64_t c = 0; c < cols; c += 16) {
+      transpose_words_16x16(s + r * ld_src + c, ld_src, d + c * ld_dst + r, ld_dst,
+                            static_cast<int>(std::min<int64_t>(16, rows - r)),
+                            static_cast<int>(std::min<int64_t>(16, cols - c)));
+    }
+  }
+#else
   constexpr int64_t kBlock = 64;  // a 64 x 64 block of words (16 KiB) stays in L1
   for (int64_t r = 0; r < rows; r += kBlock) {
     for (int64_t c = 0; c < cols; c += kBlock) {
@@ -592,6 +742,7 @@ void transpose32(const void* src, int64_t ld_src, void* dst, int64_t ld_dst, int
                                     static_cast<int>(std::min(kBlock, cols - c)));
     }
   }
+#endif
 }
 
 }  // namespace mmfast::cpu::CPU_CAPABILITY

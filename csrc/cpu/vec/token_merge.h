@@ -65,24 +65,40 @@ MMFAST_DECLARE_ISA_KERNEL(
                             uint8_t flip, float* step_out, float* residual_sumsq,
                             int32_t* q_sum))
 
-// One row of a GEMM panel, n scores s_j = float(c[j] - offset[j]) * scale[j] (int32 sums) or
-// c[j] * scale[j] (float32): returns max_j s_j (-inf for n = 0; NaN if an s_j is NaN), and
-// appends the j with v_j = s_j + coef * slack[j] >= floor (one fused multiply-add) in
-// ascending order, idx[k] = base + j and value[k] = v_j for k from *count on, which it
-// advances. idx and value must have room for kScanSlack elements past the last one written.
-constexpr int64_t kScanSlack = 16;
+// A tile's GEMM panel [rows, ldc] scores B tokens (rows) against A tokens (the first `cols`
+// columns, at most 64); scan_*_rows walks it row by row, in B-token order, and keeps per column i:
+//   s_j = float(c[j, i] - offset[i]) * scale[j] (int32 sums) or c[j, i] * scale[j] (float32),
+//   top[i] = max_j s_j so far and arg[i] = the first j reaching it,
+//   wide[i] = top[i] - width[i] rounded down, updated with each new top,
+//   the list of every j with v = s_j + coef[i] * slack[j] (one fused multiply-add) >= wide[i]
+//   at the time row j is scanned: idx[i * room + k] = j, value[...] = v, k < count[i],
+//   nan[i] set when an s_j is NaN (float32 sums that overflowed).
+// Because wide only rises, each list holds every j that would pass the final floor. With
+// first_panel, the panel's own maxima are found first (top must be -inf and the lists empty
+// before it), so that its lists are held to that floor from their first row. coef = 0
+// and width = -inf list nothing. offset, top, wide and coef have room for `cols` rounded up to
+// a whole vector (16 floats); row indices are base + j.
+namespace mmfast::cpu {
+struct ColumnScan {
+  int64_t cols = 0;
+  const int32_t* offset = nullptr;
+  const float* coef = nullptr;
+  const float* width = nullptr;
+  float* top = nullptr;
+  int32_t* arg = nullptr;
+  float* wide = nullptr;
+  uint8_t* nan = nullptr;
+  int32_t* idx = nullptr;
+  float* value = nullptr;
+  int64_t room = 0;
+  int64_t* count = nullptr;
+};
+}  // namespace mmfast::cpu
 MMFAST_DECLARE_ISA_KERNEL(
-    float scan_int_panel(const int32_t* c, const int32_t* offset, const float* scale,
-                         const float* slack, float coef, float floor, int64_t n, int32_t base,
-                         int32_t* idx, float* value, int64_t* count))
+    void scan_int_rows(const int32_t* c, int64_t ldc, int64_t rows, const float* scale,
+                       const float* slack, int32_t base, bool first_panel,
+                       ColumnScan& state))
 MMFAST_DECLARE_ISA_KERNEL(
-    float scan_float_panel(const float* c, const float* scale, const float* slack, float coef,
-                           float floor, int64_t n, int32_t base, int32_t* idx, float* value,
-                           int64_t* count))
-
-// The first j < n whose score (as scan_*_panel computes it) equals top; n if none does.
-MMFAST_DECLARE_ISA_KERNEL(
-    int64_t first_int_at(const int32_t* c, const int32_t* offset, const float* scale, int64_t n,
-                         float top))
-MMFAST_DECLARE_ISA_KERNEL(
-    int64_t first_float_at(const float* c, const float* scale, int64_t n, float top))
+    void scan_float_rows(const float* c, int64_t ldc, int64_t rows, const float* scale,
+                         const float* slack, int32_t base, bool first_panel,
+                         ColumnScan& state))
