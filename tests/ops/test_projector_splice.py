@@ -14,9 +14,10 @@ def test_matches_masked_scatter_on_samples(dtype):
         compare_fwd_bwd(ops.projector_splice, reference.projector_splice, sample.args, dtype)
 
 
-def test_rows_outside_the_mask_are_embeds_exactly():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rows_outside_the_mask_are_embeds_exactly(dtype):
     """Text rows are copied bit for bit; image rows equal projector(x) in order."""
-    for sample in sample_inputs("projector_splice", dtype=torch.bfloat16):
+    for sample in sample_inputs("projector_splice", dtype=dtype):
         x, w1, b1, w2, b2, embeds, mask, approximate = sample.args
         out = ops.projector_splice(*sample.args)
         assert torch.equal(out[~mask], embeds[~mask])

@@ -19,6 +19,8 @@ def sample_inputs(device="cpu", dtype=torch.float32, requires_grad=False):
         (2, 20, [(0, 1, 2), (0, 5, 8), (1, 0, 1), (1, 19, 20)], 17, 33, 16, True, "tanh", True),
         (3, 40, [(0, 0, 33), (1, 7, 9), (2, 4, 40)], 16, 40, 24, False, "none", True),  # mixed
         (1, 9, [], 8, 16, 8, True, "none", False),  # no image at all
+        # float32 with several runs: panels of 512 output columns, the last one partial
+        (2, 12, [(0, 2, 6), (1, 0, 5)], 8, 16, 1100, True, "none", False),
     ]
     for batch, length, runs, cin, hidden, hout, bias, approximate, nc in cases:
         mask = image_mask(batch, length, runs, device)
