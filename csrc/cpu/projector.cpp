@@ -1,16 +1,18 @@
 // CPU kernels of mmfast::projector and mmfast::projector_splice (and their backwards).
 //
-// The GEMMs go through ATen (MKL / oneDNN: on this class of CPU they run at the machine's GEMM
-// rate, and the projector is GEMM-bound); everything between them is one vectorized pass over
-// rows (csrc/cpu/vec/bias_gelu.cpp), split across threads:
+// The GEMMs go through oneDNN (float32: see onednn_linear) or ATen (MKL / oneDNN); the
+// projector is GEMM-bound. Everything between them is one vectorized pass over rows
+// (csrc/cpu/vec/bias_gelu.cpp), split across threads:
 //   forward   h = x w1^T, then one pass h += b1, act = gelu(h); out = b2 + act w2^T
 //   backward  grad_h = g w2, then one pass over the saved h that recomputes act = gelu(h) and
 //             turns grad_h into grad_h * gelu'(h) (plus b1's gradient); then the weight GEMMs.
 // Only x and h are saved for the backward (the activation is recomputed, never stored).
 // The splice writes the second GEMM's rows straight into their placeholder rows of the output
-// (whose other rows are copied from embeds): every long run of consecutive placeholders is one
-// GEMM into that slice of the output; in float32 with several runs, panels of output columns.
+// (whose other rows are copied from embeds): in float32, by panels of output columns over all
+// rows; otherwise every long run of consecutive placeholders is one GEMM into that slice.
 #include <ATen/ATen.h>
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -41,10 +43,43 @@ int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (1 << 14) / std::m
 // runs are gathered and done together (a GEMM call costs tens of microseconds here).
 constexpr int64_t kMinDirectRun = 32;
 
-// Output columns per GEMM of the float32 splice's column panels.
+// Output columns per GEMM of the float32 splice's column panels (one [N, 512] panel at a
+// time; wider panels measured no faster).
 constexpr int64_t kSplicePanelCols = 512;
 
 Tensor as_rows(const Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
+// input [M, K] @ weight[N, K]^T (+ bias [N]) -> [M, N] through oneDNN's matmul (the op behind
+// torch.compile's CPU linear fusions), or an undefined tensor where it does not apply. In
+// float32, ATen's mm calls MKL's sgemm, which on this CPU (Zen 4) runs 9-12% below oneDNN at
+// the projector's forward GEMMs and the backward's g w2 (measured side by side: 192 vs 214,
+// 177 vs 196, 191 vs 208 GFLOP/s); the weight-gradient GEMMs (a transposed A) are faster in
+// MKL and stay there. bfloat16 and float16 GEMMs already go to oneDNN through ATen.
+Tensor onednn_linear(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
+  if (input.scalar_type() != at::kFloat || input.size(0) == 0 || input.size(1) == 0 ||
+      weight.size(0) == 0) {
+    return Tensor();
+  }
+  using Signature = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                           c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                           std::optional<c10::string_view>);
+  static const auto op = [] {
+    const auto handle = at::hasMKLDNN()
+                            ? c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""})
+                            : std::nullopt;
+    if (!handle.has_value()) {
+      TORCH_WARN_ONCE("mmfast projector: this torch build has no oneDNN linear "
+                      "(mkldnn::_linear_pointwise); float32 GEMMs go through at::mm instead");
+      return std::optional<c10::TypedOperatorHandle<Signature>>();
+    }
+    return std::optional<c10::TypedOperatorHandle<Signature>>(handle->typed<Signature>());
+  }();
+  if (!op.has_value()) return Tensor();
+  const std::optional<Tensor> b =
+      bias.has_value() && bias->defined() ? std::optional<Tensor>(*bias) : std::nullopt;
+  return op->call(input, weight, b, "none", c10::List<std::optional<c10::Scalar>>(),
+                  std::nullopt);
+}
 
 Tensor defined_or_empty(const Tensor& t, const Tensor& like) {
   return t.defined() ? t : at::empty({0}, like.options());
@@ -68,12 +103,17 @@ Tensor bias_gelu_keep(Tensor& h, const std::optional<Tensor>& b1, bool tanh_form
 std::pair<Tensor, Tensor> first_layer(const Tensor& x2, const Tensor& w1,
                                       const std::optional<Tensor>& b1, bool tanh_form,
                                       bool keep_h = true) {
-  auto h = at::mm(x2, w1.t());
-  auto act = bias_gelu_keep(h, b1, tanh_form, keep_h);
+  // h = x2 w1^T + b1 in one oneDNN call where it applies; else the pass adds b1.
+  auto h = onednn_linear(x2, w1, b1);
+  const bool has_bias = h.defined();
+  if (!h.defined()) h = at::mm(x2, w1.t());
+  auto act = bias_gelu_keep(h, has_bias ? std::nullopt : b1, tanh_form, keep_h);
   return {act, keep_h ? h : Tensor()};
 }
 
 Tensor second_layer(const Tensor& act, const Tensor& w2, const std::optional<Tensor>& b2) {
+  auto out = onednn_linear(act, w2, b2);
+  if (out.defined()) return out;
   return b2.has_value() && b2->defined() ? at::addmm(*b2, act, w2.t()) : at::mm(act, w2.t());
 }
 
@@ -103,7 +143,9 @@ std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Ten
   const int64_t rows = h2.size(0);
   const int64_t cols = h2.size(1);
   Tensor act = mask[3] ? at::empty_like(h2) : Tensor();
-  Tensor grad_h = need_grad_h ? at::mm(g, w2) : Tensor();  // [N, H], turned into grad_h in place
+  // [N, H] = g w2, turned into grad_h in place
+  Tensor grad_h = need_grad_h ? onednn_linear(g, w2.t(), std::nullopt) : Tensor();
+  if (need_grad_h && !grad_h.defined()) grad_h = at::mm(g, w2);
   if (mask[3] || need_grad_h) {
     // The bias gradient is reduced per fixed block of rows, then the blocks are summed in
     // order: the same result whatever the thread count, and no atomics. At most 64 blocks:
@@ -194,23 +236,21 @@ void copy_text_rows(Tensor& out2, const Tensor& emb2, const std::vector<int64_t>
 }
 
 // out2[rows[k], :] = b2 + act[k] w2^T, in panels of output columns: one GEMM per panel over
-// all rows, then its rows copied into place. For float32 with several placeholder runs: a
-// GEMM per run repacks all of w2 for each run (MKL's sgemm: +9% at 8 runs of 576 rows, 4096
-// x 4096), one GEMM per panel does not, and the panel's copy costs less than that.
+// all rows (second_layer: oneDNN in float32), then its rows copied into place. For float32:
+// oneDNN's GEMM takes no output slice, and a GEMM per placeholder run through ATen made
+// MKL's sgemm repack all of w2 per run (+9% at 8 runs of 576 rows, 4096 x 4096); the
+// panel's copy costs less than either.
 void second_layer_by_columns(Tensor& out2, const Tensor& act, const Tensor& w2,
                              const std::optional<Tensor>& b2, const std::vector<int64_t>& rows) {
   const int64_t hout = w2.size(0), n = act.size(0);
   const bool has_b2 = b2.has_value() && b2->defined();
-  auto tmp = at::empty({n, std::min(kSplicePanelCols, hout)}, act.options());
   const int64_t esize = out2.element_size(), ld = out2.size(1);
   char* dst = static_cast<char*>(out2.mutable_data_ptr());
   for (int64_t c0 = 0; c0 < hout; c0 += kSplicePanelCols) {
     const int64_t nc = std::min(kSplicePanelCols, hout - c0);
-    auto panel = tmp.narrow(1, 0, nc);
-    if (nc != tmp.size(1)) panel = at::empty({n, nc}, act.options());
-    const auto w = w2.narrow(0, c0, nc);
-    if (has_b2) at::addmm_out(panel, b2->narrow(0, c0, nc), act, w.t());
-    else at::mm_out(panel, act, w.t());
+    const auto panel = second_layer(
+        act, w2.narrow(0, c0, nc),
+        has_b2 ? std::optional<Tensor>(b2->narrow(0, c0, nc)) : std::nullopt);
     const char* src = static_cast<const char*>(panel.const_data_ptr());
     at::parallel_for(0, n, row_grain(nc), [&](int64_t k0, int64_t k1) {
       for (int64_t k = k0; k < k1; ++k) {
@@ -246,7 +286,7 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
     runs.emplace_back(i, j);
     i = j;
   }
-  if (x.scalar_type() == at::kFloat && runs.size() > 1) {
+  if (x.scalar_type() == at::kFloat && x.size(0) > 0) {
     second_layer_by_columns(out2, act, w2, b2, rows);
     return {out, keep_h ? h : at::empty({0}, x.options())};
   }
