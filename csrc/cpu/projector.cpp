@@ -105,9 +105,9 @@ std::pair<Tensor, Tensor> first_layer(const Tensor& x2, const Tensor& w1,
                                       bool keep_h = true) {
   // h = x2 w1^T + b1 in one oneDNN call where it applies; else the pass adds b1.
   auto h = onednn_linear(x2, w1, b1);
-  const bool has_bias = h.defined();
-  if (!h.defined()) h = at::mm(x2, w1.t());
-  auto act = bias_gelu_keep(h, has_bias ? std::nullopt : b1, tanh_form, keep_h);
+  const bool bias_added = h.defined();
+  if (!bias_added) h = at::mm(x2, w1.t());
+  auto act = bias_gelu_keep(h, bias_added ? std::nullopt : b1, tanh_form, keep_h);
   return {act, keep_h ? h : Tensor()};
 }
 
@@ -279,20 +279,15 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
     out = embeds.contiguous();  // a fresh copy
   }
   auto out2 = out.view({-1, out.size(-1)});
-  std::vector<std::pair<int64_t, int64_t>> runs;  // [first row of x, end) of consecutive rows
-  for (int64_t i = 0; i < static_cast<int64_t>(rows.size());) {
-    int64_t j = i + 1;
-    while (j < static_cast<int64_t>(rows.size()) && rows[j] == rows[j - 1] + 1) ++j;
-    runs.emplace_back(i, j);
-    i = j;
-  }
   if (x.scalar_type() == at::kFloat && x.size(0) > 0) {
     second_layer_by_columns(out2, act, w2, b2, rows);
     return {out, keep_h ? h : at::empty({0}, x.options())};
   }
   const bool has_b2 = b2.has_value() && b2->defined();
   std::vector<int64_t> scattered;  // rows of x in short runs
-  for (const auto [i, j] : runs) {
+  for (int64_t i = 0; i < static_cast<int64_t>(rows.size());) {
+    int64_t j = i + 1;  // [i, j): a run of consecutive placeholder rows
+    while (j < static_cast<int64_t>(rows.size()) && rows[j] == rows[j - 1] + 1) ++j;
     if (j - i >= kMinDirectRun) {
       auto dst = out2.narrow(0, rows[i], j - i);
       auto src = act.narrow(0, i, j - i);
@@ -300,6 +295,7 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
     } else {
       for (int64_t k = i; k < j; ++k) scattered.push_back(k);
     }
+    i = j;
   }
   if (!scattered.empty()) {
     const auto src_idx = at::tensor(scattered, x.options().dtype(at::kLong));

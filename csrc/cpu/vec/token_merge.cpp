@@ -443,15 +443,30 @@ inline float lane_score(const In* c, int64_t ldc, const float* scale, const Colu
   }
 }
 
+// f(q + l) for every set bit l of bits.
 template <typename F>
-inline void for_lanes(unsigned bits, int64_t q, const F& f) {
-  for (; bits != 0; bits &= bits - 1) f(q + __builtin_ctz(bits));
+inline void for_lanes(uint64_t bits, int64_t q, const F& f) {
+  for (; bits != 0; bits &= bits - 1) f(q + __builtin_ctzll(bits));
 }
 
-// Row p's listed lanes (bits of the vector at column q).
+// top - width rounded down: the floor may list more rows than needed, never fewer.
+inline float floor_below(float top, float width) {
+  return std::nextafter(top - width, -std::numeric_limits<float>::infinity());
+}
+
+// Row p (B token j) beats column i's top.
+template <typename In>
+inline void raise_top(const In* c, int64_t ldc, const float* scale, ColumnScan& st, int64_t p,
+                      int64_t i, int32_t j) {
+  st.top[i] = lane_score(c, ldc, scale, st, p, i);
+  st.arg[i] = j;
+  st.wide[i] = floor_below(st.top[i], st.width[i]);
+}
+
+// Row p's (B token j's) listed lanes: bit l of bits is column q + l.
 template <typename In>
 inline void list_lanes(const In* c, int64_t ldc, const float* scale, const float* slack,
-                       ColumnScan& st, int64_t p, int32_t j, unsigned bits, int64_t q) {
+                       ColumnScan& st, int64_t p, int32_t j, uint64_t bits, int64_t q) {
   int32_t* const idx = st.idx;
   float* const value = st.value;
   int64_t* const count = st.count;
@@ -512,10 +527,7 @@ void scan_rows_vec(const In* c, int64_t ldc, int64_t rows, const float* scale,
       _mm512_storeu_ps(st.top + 16 * v, top[v]);
       _mm512_storeu_si512(st.arg + 16 * v, arg[v]);
     }
-    for (int64_t i = 0; i < st.cols; ++i) {
-      st.wide[i] =
-          std::nextafter(st.top[i] - st.width[i], -std::numeric_limits<float>::infinity());
-    }
+    for (int64_t i = 0; i < st.cols; ++i) st.wide[i] = floor_below(st.top[i], st.width[i]);
   }
 #pragma GCC unroll 4
   for (int v = 0; v < NV; ++v) {
@@ -543,11 +555,7 @@ void scan_rows_vec(const In* c, int64_t ldc, int64_t rows, const float* scale,
         const unsigned up = _mm512_mask_cmp_ps_mask(lanes[v], sv, top[v], _CMP_GT_OQ);
         if (up != 0) {
           for_lanes(up, 16 * v, [&](int64_t i) {
-            st.top[i] = lane_score(c, ldc, scale, st, p, i);
-            st.arg[i] = base + static_cast<int32_t>(p);
-            // Rounded down: the floor may list more rows than needed, never fewer.
-            st.wide[i] = std::nextafter(st.top[i] - st.width[i],
-                                        -std::numeric_limits<float>::infinity());
+            raise_top(c, ldc, scale, st, p, i, base + static_cast<int32_t>(p));
           });
           top[v] = _mm512_loadu_ps(st.top + 16 * v);
           wide[v] = _mm512_loadu_ps(st.wide + 16 * v);
@@ -562,14 +570,7 @@ void scan_rows_vec(const In* c, int64_t ldc, int64_t rows, const float* scale,
     }
     for (int64_t r = 0; r < recorded; ++r) {
       const int64_t p = hit_row[r];
-      uint64_t bits = hit_lanes[r];
-      for (; bits != 0; bits &= bits - 1) {
-        const int64_t i = __builtin_ctzll(bits);
-        const int64_t k = st.count[i]++;
-        st.idx[i * st.room + k] = base + static_cast<int32_t>(p);
-        st.value[i * st.room + k] =
-            std::fma(slack[p], st.coef[i], lane_score(c, ldc, scale, st, p, i));
-      }
+      list_lanes(c, ldc, scale, slack, st, p, base + static_cast<int32_t>(p), hit_lanes[r], 0);
     }
   }
 }
@@ -600,11 +601,6 @@ void scan_rows(const In* c, int64_t ldc, int64_t rows, const float* scale, const
       return fVec::loadu(c + p * ldc + q, w) * fVec(scale[p]);
     }
   };
-  const auto raise = [&](int64_t p, int64_t i, int32_t j) {
-    st.top[i] = lane_score(c, ldc, scale, st, p, i);
-    st.arg[i] = j;
-    st.wide[i] = std::nextafter(st.top[i] - st.width[i], -std::numeric_limits<float>::infinity());
-  };
   for (int64_t p = 0; p < rows && first_panel; ++p) {  // the panel's maxima first (see above)
     const int32_t j = base + static_cast<int32_t>(p);
     for (int64_t q = 0; q < cols; q += kW) {
@@ -612,7 +608,7 @@ void scan_rows(const In* c, int64_t ldc, int64_t rows, const float* scale, const
       const unsigned lanes = (1u << w) - 1;
       const fVec sv = scores(p, q, w);
       const unsigned up = ~static_cast<unsigned>((sv > fVec::loadu(st.top + q)).zero_mask()) & lanes;
-      if (up != 0) for_lanes(up, q, [&](int64_t i) { raise(p, i, j); });
+      if (up != 0) for_lanes(up, q, [&](int64_t i) { raise_top(c, ldc, scale, st, p, i, j); });
     }
   }
   for (int64_t p = 0; p < rows; ++p) {
@@ -627,7 +623,7 @@ void scan_rows(const In* c, int64_t ldc, int64_t rows, const float* scale, const
         if (bad != 0) for_lanes(bad, q, [&](int64_t i) { st.nan[i] = 1; });
       }
       const unsigned up = bits(sv > fVec::loadu(st.top + q));
-      if (up != 0) for_lanes(up, q, [&](int64_t i) { raise(p, i, j); });
+      if (up != 0) for_lanes(up, q, [&](int64_t i) { raise_top(c, ldc, scale, st, p, i, j); });
       const fVec val = at::vec::fmadd(fVec(slack[p]), fVec::loadu(st.coef + q), sv);
       const unsigned hit = bits(val >= fVec::loadu(st.wide + q));
       if (hit != 0) list_lanes(c, ldc, scale, slack, st, p, j, hit, q);
