@@ -672,7 +672,7 @@ namespace {
 
 // One block of up to 16 x 16 words: rows of src (cols words each) become rows of dst. Four
 // shuffle stages in registers, one load per source row and one store per destination row.
-// (ATen's transpose_mxn spills its registers to the stack here and took 4x as long.)
+// (ATen's transpose_mxn spills its registers to the stack in this build.)
 inline void transpose_words_16x16(const float* s, int64_t ld_s, float* d, int64_t ld_d, int rows,
                                   int cols) {
   const __mmask16 col_mask = static_cast<__mmask16>((1u << cols) - 1);
