@@ -35,6 +35,7 @@
 #include "common/bipartite_merge.h"
 #include "cpu/isa.h"
 #include "cpu/vec/token_merge.h"
+#include "cpu/vec/transpose.h"
 
 namespace mmfast::cpu {
 

@@ -44,6 +44,18 @@ Isa active_isa() {
   return isa;
 }
 
+bool bf16_dot_products() {
+  static const bool has = [] {
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    return active_isa() == Isa::AVX512 && __builtin_cpu_supports("avx512bf16") != 0;
+#else
+    return false;
+#endif
+  }();
+  return has;
+}
+
 const char* isa_name(Isa isa) {
   switch (isa) {
     case Isa::AVX512: return "avx512";

@@ -10,6 +10,10 @@ enum class Isa : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
 Isa active_isa();
 const char* isa_name(Isa isa);
 
+// Whether the CPU has AVX512's bfloat16 dot products (avx512_bf16), and the AVX512 build is
+// active: the condition for the bfloat16 brgemm kernels to run at full rate without AMX.
+bool bf16_dot_products();
+
 // Picks the build of one kernel that matches active_isa().
 template <typename Fn>
 Fn pick_isa(Fn generic, Fn avx2, Fn avx512) {

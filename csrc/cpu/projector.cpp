@@ -1,34 +1,50 @@
 // CPU kernels of mmfast::projector and mmfast::projector_splice (and their backwards).
 //
-// The GEMMs go through oneDNN (float32: see onednn_linear) or ATen (MKL / oneDNN); the
-// projector is GEMM-bound. Everything between them is one vectorized pass over rows
-// (csrc/cpu/vec/bias_gelu.cpp), split across threads:
+// The projector is GEMM-bound. In bfloat16 on a CPU with avx512_bf16 its GEMMs are brgemm
+// tiles driven by packed_gemm (csrc/cpu/vec/packed_gemm.h), and the elementwise work is done
+// in each output tile's epilogue:
+//   forward   act = gelu(x w1^T + b1) (and h = x w1^T + b1 kept for the backward) in the first
+//             GEMM's tiles; out = b2 + act w2^T, rows written straight to their destination
+//             (the splice's placeholder rows) by the second's
+//   backward  the tiles of g w2 turn into grad_h = (g w2) * gelu'(h) and act = gelu(h)
+//             (recomputed from the saved h), both stored transposed: they are the row-major
+//             A operands of dw1 = grad_h^T x and dw2^T = act^T g (b1's gradient summed there too)
+// Elsewhere the GEMMs go through oneDNN (float32: see onednn_linear) or ATen (MKL / oneDNN),
+// with everything between them in one vectorized pass over rows (csrc/cpu/vec/bias_gelu.cpp):
 //   forward   h = x w1^T, then one pass h += b1, act = gelu(h); out = b2 + act w2^T
 //   backward  grad_h = g w2, then one pass over the saved h that recomputes act = gelu(h) and
 //             turns grad_h into grad_h * gelu'(h) (plus b1's gradient); then the weight GEMMs.
 // Only x and h are saved for the backward (the activation is recomputed, never stored).
 // The splice writes the second GEMM's rows straight into their placeholder rows of the output
 // (whose other rows are copied from embeds): in float32, by panels of output columns over all
-// rows; otherwise every long run of consecutive placeholders is one GEMM into that slice.
+// rows; in other dtypes without packed_gemm every long run of consecutive placeholders is one
+// GEMM into that slice.
 #include <ATen/ATen.h>
 #include <ATen/Context.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/constant_pad_nd.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <initializer_list>
+#include <tuple>
+#include <atomic>
 #include <cstring>
 #include <utility>
 #include <vector>
 
 #include "common/projector.h"
+#include "cpu/isa.h"
 #include "cpu/vec/bias_gelu.h"
+#include "cpu/vec/packed_gemm.h"
 
 namespace mmfast::cpu {
 
@@ -99,6 +115,94 @@ Tensor bias_gelu_keep(Tensor& h, const std::optional<Tensor>& b1, bool tanh_form
   return act;
 }
 
+using BF16 = c10::BFloat16;
+
+// bfloat16 GEMMs through packed_gemm: on CPUs with avx512_bf16, where they run faster than
+// ATen's (packed_gemm.h), and for non-empty operands (a GEMM over K = 0 is left to ATen).
+bool use_packed_gemm(const Tensor& x, std::initializer_list<int64_t> sizes) {
+  return x.scalar_type() == at::kBFloat16 && bf16_dot_products() &&
+         std::all_of(sizes.begin(), sizes.end(), [](int64_t s) { return s > 0; });
+}
+
+void run_packed_gemm(const PackedGemm& g) {
+  if (g.m == 0 || g.n == 0) return;
+  std::atomic<int64_t> next{0};
+  const auto kernel = MMFAST_PICK_ISA(packed_gemm_bf16);
+  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { kernel(g, &next); });
+}
+
+Tensor unit_stride(const Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
+
+// a [M, K] as packed_gemm's A operand: unit column stride, K even (an odd K gets a zero column,
+// matching the zero row packed_gemm packs into B).
+Tensor even_k_operand(const Tensor& a) {
+  if (a.size(1) % 2 != 0) return at::constant_pad_nd(a, {0, 1});
+  return a.stride(1) == 1 ? a : a.contiguous();
+}
+
+// [rows, cols] with an even row stride whose padding column (odd cols) is zero: a buffer the
+// epilogues fill that is then a packed_gemm A operand with K = cols.
+Tensor even_k_buffer(int64_t rows, int64_t cols, const Tensor& like) {
+  auto buf = at::empty({rows, cols + cols % 2}, like.options());
+  if (cols % 2 != 0) buf.narrow(1, cols, 1).zero_();
+  return buf;
+}
+
+// A GEMM of a [M, K] (from even_k_operand, or a view of an even_k_buffer: an odd K is read
+// with its zero padding column) by B, given as b [N, K] (B^T: a weight as stored) when b_nk,
+// else as b [K, N]; b has unit column stride and outlives the GEMM.
+PackedGemm gemm_over(const Tensor& a, const Tensor& b, bool b_nk, GemmEpilogue epilogue) {
+  TORCH_INTERNAL_ASSERT(a.stride(1) == 1 && a.stride(0) >= a.size(1) + a.size(1) % 2 &&
+                        b.stride(1) == 1);
+  PackedGemm g;
+  g.m = a.size(0);
+  g.n = b.size(b_nk ? 0 : 1);
+  g.k = a.size(1) + a.size(1) % 2;
+  g.a = a.const_data_ptr<BF16>();
+  g.lda = a.stride(0);
+  g.b = b.const_data_ptr<BF16>();
+  g.ldb = b.stride(0);
+  g.b_k = b.size(b_nk ? 1 : 0);
+  g.b_nk = b_nk;
+  g.epilogue = epilogue;
+  return g;
+}
+
+// x2 [N, Cin] -> (act [N, H], h [N, H]; h undefined when !keep_h) through packed_gemm. act is a
+// view of an even_k_buffer: the second layer's A operand.
+std::pair<Tensor, Tensor> first_layer_packed(const Tensor& x2, const Tensor& w1,
+                                             const std::optional<Tensor>& b1, bool tanh_form,
+                                             bool keep_h) {
+  const int64_t hid = w1.size(0);
+  const auto a = even_k_operand(x2);
+  const auto w = unit_stride(w1);
+  auto act = even_k_buffer(x2.size(0), hid, x2);
+  Tensor h = keep_h ? at::empty({x2.size(0), hid}, x2.options()) : Tensor();
+  const Tensor bias = b1.has_value() && b1->defined() ? b1->contiguous() : Tensor();
+  auto g = gemm_over(a, w, true, GemmEpilogue::kBiasGelu);
+  g.bias = bias.defined() ? bias.const_data_ptr<BF16>() : nullptr;
+  g.out = act.mutable_data_ptr<BF16>();
+  g.ldo = act.stride(0);
+  g.out2 = keep_h ? h.mutable_data_ptr<BF16>() : nullptr;
+  g.ldo2 = hid;
+  g.tanh_form = tanh_form;
+  run_packed_gemm(g);
+  return {act.narrow(1, 0, hid), h};
+}
+
+// out2[rows[k] (or k), :] = b2 + act[k] w2^T through packed_gemm; act from first_layer_packed.
+void second_layer_packed(const Tensor& act, const Tensor& w2, const std::optional<Tensor>& b2,
+                         Tensor& out2, const int64_t* rows) {
+  const auto w = unit_stride(w2);
+  const Tensor bias = b2.has_value() && b2->defined() ? b2->contiguous() : Tensor();
+  auto g = gemm_over(act, w, true, GemmEpilogue::kStore);
+  g.bias = bias.defined() ? bias.const_data_ptr<BF16>() : nullptr;
+  g.out = out2.mutable_data_ptr<BF16>();
+  g.ldo = out2.stride(0);
+  g.out_rows = rows;
+  run_packed_gemm(g);
+}
+
 // x2 [N, Cin] -> (act [N, H], h [N, H]; h undefined when !keep_h)
 std::pair<Tensor, Tensor> first_layer(const Tensor& x2, const Tensor& w1,
                                       const std::optional<Tensor>& b1, bool tanh_form,
@@ -122,8 +226,18 @@ std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
                                          const std::optional<Tensor>& b2,
                                          c10::string_view approximate, bool keep_h) {
   const bool tanh_form = check_projector_args("projector", x, w1, b1, w2, b2, approximate);
-  auto [act, h] = first_layer(as_rows(x), w1, b1, tanh_form, keep_h);
-  auto out = second_layer(act, w2, b2);
+  const auto x2 = as_rows(x);
+  Tensor out, h;
+  if (use_packed_gemm(x, {x2.size(0), x2.size(1), w1.size(0), w2.size(0)})) {
+    Tensor act;
+    std::tie(act, h) = first_layer_packed(x2, w1, b1, tanh_form, keep_h);
+    out = at::empty({x2.size(0), w2.size(0)}, x.options());
+    second_layer_packed(act, w2, b2, out, nullptr);
+  } else {
+    Tensor act;
+    std::tie(act, h) = first_layer(x2, w1, b1, tanh_form, keep_h);
+    out = second_layer(act, w2, b2);
+  }
   auto lead = x.sizes().vec();
   lead.back() = w2.size(0);
   if (!keep_h) return {out.view(lead), at::empty({0}, x.options())};
@@ -135,11 +249,65 @@ std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
 // Gradients of the projector from g [N, Hout] (grad of its output rows), x2 [N, Cin] and the
 // saved pre-activation h2 [N, H]. mask: which of (x, w1, b1, w2, b2) to compute; the others
 // come back undefined and cost nothing.
+std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, const Tensor& h2,
+                                           const std::optional<Tensor>& w1, const Tensor& w2,
+                                           bool tanh_form, std::array<bool, 5> mask) {
+  std::array<Tensor, 5> grads;
+  const int64_t m = g.size(0), hid = h2.size(1), hout = g.size(1), cin = x2.size(1);
+  // grad_h^T and act^T [H, M]: the A operands of the weight GEMMs, written by the epilogue of
+  // g w2 (tokens padded to even with a zero column, as packed_gemm wants).
+  auto grad_t = even_k_buffer(hid, m, g);
+  auto act_t = mask[3] ? even_k_buffer(hid, m, g) : Tensor();
+  Tensor partial = mask[2] ? at::zeros({ceil_div64(m, kGemmRows), hid}, g.options().dtype(at::kFloat))
+                           : Tensor();
+  {
+    const auto a = even_k_operand(g);
+    const auto w = unit_stride(w2);
+    auto p = gemm_over(a, w, false, GemmEpilogue::kGeluGradT);  // B = w2 [Hout, H]
+    p.out = grad_t.mutable_data_ptr<BF16>();
+    p.ldo = grad_t.stride(0);
+    p.out2 = mask[3] ? act_t.mutable_data_ptr<BF16>() : nullptr;
+    p.ldo2 = grad_t.stride(0);
+    p.h = h2.const_data_ptr<BF16>();
+    p.ldh = h2.stride(0);
+    p.bias_grad = mask[2] ? partial.mutable_data_ptr<float>() : nullptr;
+    p.tanh_form = tanh_form;
+    run_packed_gemm(p);
+  }
+  if (mask[2]) grads[2] = partial.sum(0).to(h2.scalar_type());
+  if (mask[3]) {
+    // dw2^T [H, Hout] = act^T g, stored transposed
+    grads[3] = at::empty({hout, hid}, g.options());
+    auto p = gemm_over(act_t.narrow(1, 0, m), g, false, GemmEpilogue::kStoreT);
+    p.out = grads[3].mutable_data_ptr<BF16>();
+    p.ldo = hid;
+    run_packed_gemm(p);
+    act_t.reset();  // before the next GEMMs allocate: lowers the backward's peak
+  }
+  if (mask[4]) grads[4] = g.sum(0);
+  if (mask[1]) {
+    // dw1 [H, Cin] = grad_h^T x
+    const auto x = unit_stride(x2);
+    grads[1] = at::empty({hid, cin}, g.options());
+    auto p = gemm_over(grad_t.narrow(1, 0, m), x, false, GemmEpilogue::kStore);
+    p.out = grads[1].mutable_data_ptr<BF16>();
+    p.ldo = cin;
+    run_packed_gemm(p);
+  }
+  if (mask[0]) grads[0] = at::mm(grad_t.narrow(1, 0, m).t(), *w1);
+  return grads;
+}
+
 std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Tensor& h2,
                                     const std::optional<Tensor>& w1, const Tensor& w2, bool tanh_form,
                                     std::array<bool, 5> mask) {
-  std::array<Tensor, 5> grads;
   const bool need_grad_h = mask[0] || mask[1] || mask[2];
+  // Without grad_h (only w2 / b2 trained) there is no g w2 GEMM whose epilogue could make act:
+  // that case stays on the unfused path below.
+  if (need_grad_h && use_packed_gemm(g, {g.size(0), g.size(1), h2.size(1)})) {
+    return backward_rows_packed(g, x2, h2, w1, w2, tanh_form, mask);
+  }
+  std::array<Tensor, 5> grads;
   const int64_t rows = h2.size(0);
   const int64_t cols = h2.size(1);
   Tensor act = mask[3] ? at::empty_like(h2) : Tensor();
@@ -268,7 +436,9 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
   const bool tanh_form = check_projector_args("projector_splice", x, w1, b1, w2, b2, approximate);
   check_splice_args("projector_splice", x, w2, embeds, image_mask);
   const auto rows = placeholder_rows(image_mask, x.size(0));
-  auto [act, h] = first_layer(x, w1, b1, tanh_form, keep_h);
+  const bool packed = use_packed_gemm(x, {x.size(0), x.size(1), w1.size(0), w2.size(0)});
+  auto [act, h] = packed ? first_layer_packed(x, w1, b1, tanh_form, keep_h)
+                         : first_layer(x, w1, b1, tanh_form, keep_h);
   // Only the text rows come from embeds: the placeholder rows are written once, by the GEMMs.
   Tensor out;
   if (embeds.is_contiguous()) {
@@ -279,6 +449,10 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
     out = embeds.contiguous();  // a fresh copy
   }
   auto out2 = out.view({-1, out.size(-1)});
+  if (packed) {
+    second_layer_packed(act, w2, b2, out2, rows.data());
+    return {out, keep_h ? h : at::empty({0}, x.options())};
+  }
   if (x.scalar_type() == at::kFloat && x.size(0) > 0) {
     second_layer_by_columns(out2, act, w2, b2, rows);
     return {out, keep_h ? h : at::empty({0}, x.options())};

@@ -1,4 +1,7 @@
 import itertools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -28,6 +31,38 @@ def test_odd_llava_sizes(dtype, n, approximate, bias):
                                   requires_grad=True)
     compare_fwd_bwd(ops.projector, reference.projector,
                     (x.requires_grad_(), w1, b1, w2, b2, approximate), dtype)
+
+
+def test_bfloat16_gemm_tiling_edges():
+    """bfloat16 at the sizes the brgemm path (CPUs with avx512_bf16) pads or cuts: odd Cin and
+    token count (K padded with a zero column), 513 tokens (two full 256-row tiles and one row),
+    4097 output columns (64-column blocks, the last one partial), and weights read with a row
+    stride: w1 a slice (odd K, stride 1028), w2 a slice (even K, stride 132)."""
+    cin, hidden, hout, n = 1025, 130, 4097, 513
+    dt = torch.bfloat16
+    x = torch.randn(n, cin, dtype=dt)
+    w1, b1, w2, b2 = make_weights(cin, hidden, hout, device="cpu", dtype=dt, bias=True)
+    w1 = torch.cat([w1, torch.randn(hidden, 3, dtype=dt)], 1)[:, :cin]
+    w2 = torch.cat([w2, torch.randn(hout, 2, dtype=dt)], 1)[:, :hidden]
+    args = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+    for approximate in ("none", "tanh"):
+        compare_fwd_bwd(ops.projector, reference.projector, (*args, approximate), dt)
+        for t in args:
+            t.grad = None
+
+
+def test_bfloat16_without_brgemm():
+    """Capped at the AVX2 build (as on a CPU without avx512_bf16), bfloat16 GEMMs go through
+    ATen instead of the brgemm path: projector and splice still match, forward and backward."""
+    tests = ["tests/ops/test_projector.py::test_matches_reference_on_samples[dtype2]",
+             "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype2]",
+             "tests/ops/test_projector.py::test_bfloat16_gemm_tiling_edges",
+             "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype2]"]
+    env = dict(os.environ, MMFAST_CPU_ISA="avx2")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                         env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
 
 
 # Every combination of frozen / trained inputs (x, w1, b1, w2, b2).
@@ -87,9 +122,10 @@ def test_backward_keeps_only_input_and_pre_activation():
     assert x.grad is None and all(p.grad is not None for p in (w1, b1, w2, b2))
 
 
-def test_inference_drops_the_pre_activation():
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_inference_drops_the_pre_activation(dtype):
     """Without a backward to come the GELU runs in place: h comes back empty, out is the same."""
-    sample = sample_inputs("projector", dtype=torch.float32)[0]
+    sample = sample_inputs("projector", dtype=dtype)[0]
     out_keep, h = torch.ops.mmfast.projector(*sample.args, True)
     out_drop, empty = torch.ops.mmfast.projector(*sample.args, False)
     assert h.shape[-1] == sample.args[1].shape[0] and empty.numel() == 0
@@ -110,11 +146,13 @@ def test_opcheck(requires_grad):
                 torch.library.opcheck(torch.ops.mmfast.projector.default, (*sample.args, False))
 
 
-def test_opcheck_backward():
-    for sample in sample_inputs("projector", dtype=torch.float32):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_backward(dtype):
+    for sample in sample_inputs("projector", dtype=dtype):
         x, w1, b1, w2, b2, approximate = sample.args
         out, h = torch.ops.mmfast.projector(*sample.args)
-        for mask in ([True] * 5, [False, True, False, True, False], [True, False, False, False, False]):
+        for mask in ([True] * 5, [False, True, False, True, False], [True, False, False, False, False],
+                     [False, False, False, True, True]):
             torch.library.opcheck(torch.ops.mmfast.projector_backward.default,
                                   (torch.randn_like(out), x, h, w1, w2, approximate, mask))
 

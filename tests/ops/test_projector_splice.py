@@ -25,9 +25,10 @@ def test_rows_outside_the_mask_are_embeds_exactly(dtype):
         torch.testing.assert_close(out[mask], ops.projector(x, w1, b1, w2, b2, approximate))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("requires_grad", [False, True])
-def test_opcheck(requires_grad):
-    for sample in sample_inputs("projector_splice", dtype=torch.float32, requires_grad=requires_grad):
+def test_opcheck(requires_grad, dtype):
+    for sample in sample_inputs("projector_splice", dtype=dtype, requires_grad=requires_grad):
         torch.library.opcheck(torch.ops.mmfast.projector_splice.default, sample.args)
         if not requires_grad:
             torch.library.opcheck(torch.ops.mmfast.projector_splice.default, (*sample.args, False))
@@ -44,8 +45,9 @@ def test_inference_drops_the_pre_activation():
         torch.ops.mmfast.projector_splice(x, *sample.args[1:], False)
 
 
-def test_opcheck_backward():
-    for sample in sample_inputs("projector_splice", dtype=torch.float32):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_backward(dtype):
+    for sample in sample_inputs("projector_splice", dtype=dtype):
         x, w1, b1, w2, b2, embeds, mask, approximate = sample.args
         out, h = torch.ops.mmfast.projector_splice(*sample.args)
         for grads in ([True] * 6, [False, True, True, True, True, False], [True] + [False] * 5):

@@ -7,6 +7,7 @@
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include "cpu/vec/chunk.h"
 #include "cpu/vec/dispatch.h"
 #include "cpu/vec/gelu.h"
 
@@ -17,54 +18,6 @@
 namespace mmfast::cpu::CPU_CAPABILITY {
 
 namespace {
-
-using at::vec::Vectorized;
-
-// Rows are walked in chunks of two float vectors: a half type's Vectorized<T> holds exactly
-// that many elements, so each chunk is one load of T widened to (lo, hi).
-constexpr int64_t kChunk = 2 * fVec::size();
-
-template <typename F>
-inline void for_each_chunk(int64_t cols, F&& f) {
-  for (int64_t c = 0; c < cols; c += kChunk) f(c, std::min<int64_t>(kChunk, cols - c));
-}
-
-template <typename T>
-inline void load2(const T* p, int64_t n, fVec& lo, fVec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    constexpr int64_t W = fVec::size();
-    if (n == kChunk) {
-      lo = fVec::loadu(p);
-      hi = fVec::loadu(p + W);
-    } else {
-      lo = fVec::loadu(p, std::min<int64_t>(n, W));
-      hi = n > W ? fVec::loadu(p + W, n - W) : fVec(0.0f);
-    }
-  } else {
-    auto v = n == Vectorized<T>::size() ? Vectorized<T>::loadu(p) : Vectorized<T>::loadu(p, n);
-    std::tie(lo, hi) = at::vec::convert_to_float<T>(v);
-  }
-}
-
-template <typename T>
-inline void store2(T* p, int64_t n, const fVec& lo, const fVec& hi) {
-  if constexpr (std::is_same_v<T, float>) {
-    constexpr int64_t W = fVec::size();
-    lo.store(p, std::min<int64_t>(n, W));
-    if (n > W) hi.store(p + W, n - W);
-  } else {
-    auto v = at::vec::convert_from_float<T>(lo, hi);
-    if (n == Vectorized<T>::size()) v.store(p); else v.store(p, n);
-  }
-}
-
-// bias_partial[c .. c+n) += lo, hi (float32 partial sums of the bias gradient)
-inline void accumulate2(float* p, int64_t n, const fVec& lo, const fVec& hi) {
-  constexpr int64_t W = fVec::size();
-  const int64_t n0 = std::min<int64_t>(n, W);
-  (fVec::loadu(p, n0) + lo).store(p, n0);
-  if (n > W) (fVec::loadu(p + W, n - W) + hi).store(p + W, n - W);
-}
 
 template <typename T>
 void forward_rows(const T* x, const T* bias, T* out, int64_t r0, int64_t r1, int64_t cols,
@@ -98,21 +51,6 @@ void backward_rows(const T* grad, const T* x, const T* bias, T* grad_x, float* b
       store2(dxr + c, n, d0, d1);
       if (bias_partial != nullptr) accumulate2(bias_partial + c, n, d0, d1);
     });
-  }
-}
-
-// gelu(v) and gelu'(v) sharing the expensive part (erf and exp, or tanh).
-inline void gelu_and_grad(const fVec& v, bool tanh_form, fVec& act, fVec& d) {
-  const fVec half(0.5f), one(1.0f);
-  if (tanh_form) {
-    const fVec v2 = v * v;
-    const fVec t = (fVec(kTanhK) * (v + fVec(kTanhC) * v2 * v)).tanh();
-    act = half * v * (one + t);
-    d = half * (one + t) + half * v * (one - t * t) * (fVec(kTanhK) * (one + fVec(3.0f * kTanhC) * v2));
-  } else {
-    const fVec cdf = half * (one + (v * fVec(kSqrt1_2)).erf());
-    act = v * cdf;
-    d = cdf + v * (fVec(-0.5f) * v * v).exp() * fVec(kInvSqrt2Pi);
   }
 }
 

@@ -71,4 +71,21 @@ inline fVec dgelu_tanh(const fVec& x) {
 inline fVec gelu(const fVec& x, bool tanh_form) { return tanh_form ? gelu_tanh(x) : gelu_erf(x); }
 inline fVec dgelu(const fVec& x, bool tanh_form) { return tanh_form ? dgelu_tanh(x) : dgelu_erf(x); }
 
+// gelu(v) (the value gelu() gives) and gelu'(v), sharing the expensive part: one exp and erf,
+// or one tanh.
+inline void gelu_and_grad(const fVec& v, bool tanh_form, fVec& act, fVec& d) {
+  const fVec half(0.5f), one(1.0f);
+  if (tanh_form) {
+    const fVec v2 = v * v;
+    const fVec t = tanh_via_exp(fVec(kTanhK) * (v + fVec(kTanhC) * v * v * v));
+    act = v * half * (one + t);
+    d = half * (one + t) + half * v * (one - t * t) * (fVec(kTanhK) * (one + fVec(3.0f * kTanhC) * v2));
+  } else {
+    const fVec e = (fVec(-0.5f) * v * v).exp_u20();
+    const fVec erf = erf_given_exp(v * fVec(kSqrt1_2), e);
+    act = v * half * (one + erf);
+    d = at::vec::fmadd(v * fVec(kInvSqrt2Pi), e, half * (one + erf));
+  }
+}
+
 }  // namespace mmfast::cpu::CPU_CAPABILITY

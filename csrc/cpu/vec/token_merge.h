@@ -34,12 +34,6 @@ MMFAST_DECLARE_ISA_KERNEL(void streaming_fence())
 MMFAST_DECLARE_ISA_KERNEL(
     void scale_row(c10::ScalarType dtype, const void* src, float factor, void* dst, int64_t n))
 
-// dst[c * ld_dst + r] = src[r * ld_src + c] for 32-bit words, r < rows, c < cols: float32
-// transposes, and bfloat16 rows viewed as pairs become the VNNI layout brgemm wants.
-MMFAST_DECLARE_ISA_KERNEL(
-    void transpose32(const void* src, int64_t ld_src, void* dst, int64_t ld_dst, int64_t rows,
-                     int64_t cols))
-
 // sum_c a[c] * b[c] with float32 accumulation (both rows of `dtype`).
 MMFAST_DECLARE_ISA_KERNEL(
     float row_dot(c10::ScalarType dtype, const void* a, const void* b, int64_t n))

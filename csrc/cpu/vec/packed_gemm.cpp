@@ -1,0 +1,258 @@
+// packed_gemm_bf16, compiled once per ISA (declarations in packed_gemm.h).
+//
+// A packed block of B holds its columns [n0, n0 + 64) as K/2 rows of 64 pairs,
+// packed[k2][j][e] = B[2 k2 + e][n0 + j], zeros past K and N: the VNNI layout of brgemm's
+// bfloat16 kernels.
+#include "cpu/vec/packed_gemm.h"
+
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
+
+#include <algorithm>
+#include <cstring>
+#include <tuple>
+#include <vector>
+
+#include "cpu/vec/chunk.h"
+#include "cpu/vec/gelu.h"
+#include "cpu/vec/transpose.h"
+
+namespace mmfast::cpu::CPU_CAPABILITY {
+
+namespace {
+
+using BF16 = c10::BFloat16;
+
+// Bytes of A per panel: a part of L3 (32 MiB here, shared); 4 and 16 MiB measured slower.
+constexpr int64_t kPanelBytes = int64_t(8) << 20;
+
+// The float pair rounded to bfloat16 and widened back: the value a bfloat16 tensor would hold.
+inline void round_bf16(fVec& lo, fVec& hi) {
+  std::tie(lo, hi) = at::vec::convert_to_float<BF16>(at::vec::convert_from_float<BF16>(lo, hi));
+}
+
+// store2 for outputs that are not read again soon (all of this file's: they are larger than
+// the caches, and a tile's rows are scattered 8 KiB or more apart). A whole aligned 64-byte
+// line goes around the caches: no read for ownership of a line that is entirely overwritten,
+// which made the stores latency-bound (about a tenth of a GEMM's time). The caller fences.
+inline void store2_stream(BF16* p, int64_t n, const fVec& lo, const fVec& hi) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if (n == kChunk && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
+    const __m512i v = at::vec::convert_from_float<BF16>(lo, hi);
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+    return;
+  }
+#endif
+  store2(p, n, lo, hi);
+}
+
+// A tile of float32 rows (stride kPackCols) -> bfloat16 rows of dst, transposed:
+// dst[c * ld + i] = tile[i][c]. Through a float32 transpose in cache (t: kPackCols x kGemmRows).
+void store_transposed(const float* tile, int64_t rows, int64_t cols, BF16* dst, int64_t ld,
+                      float* t) {
+  transpose32(tile, kPackCols, t, kGemmRows, rows, cols);
+  for (int64_t c = 0; c < cols; ++c) {
+    const float* src = t + c * kGemmRows;
+    BF16* out = dst + c * ld;
+    for_each_chunk(rows, [&](int64_t i, int64_t n) {
+      fVec lo, hi;
+      load2(src + i, n, lo, hi);
+      store2_stream(out + i, n, lo, hi);
+    });
+  }
+}
+
+struct Tile {
+  int64_t m0, rows, n0, cols, mblock;
+};
+
+void store_rows(const PackedGemm& g, const Tile& t, const float* acc) {
+  for (int64_t i = 0; i < t.rows; ++i) {
+    const int64_t row = g.out_rows != nullptr ? g.out_rows[t.m0 + i] : t.m0 + i;
+    BF16* dst = g.out + row * g.ldo + t.n0;
+    for_each_chunk(t.cols, [&](int64_t c, int64_t n) {
+      fVec lo, hi;
+      load2(acc + i * kPackCols + c, n, lo, hi);
+      if (g.bias != nullptr) {
+        fVec b0, b1;
+        load2(g.bias + t.n0 + c, n, b0, b1);
+        lo = lo + b0;
+        hi = hi + b1;
+      }
+      store2_stream(dst + c, n, lo, hi);
+    });
+  }
+}
+
+void bias_gelu_rows(const PackedGemm& g, const Tile& t, const float* acc) {
+  for (int64_t i = 0; i < t.rows; ++i) {
+    BF16* act = g.out + (t.m0 + i) * g.ldo + t.n0;
+    BF16* pre = g.out2 == nullptr ? nullptr : g.out2 + (t.m0 + i) * g.ldo2 + t.n0;
+    for_each_chunk(t.cols, [&](int64_t c, int64_t n) {
+      fVec lo, hi;
+      load2(acc + i * kPackCols + c, n, lo, hi);
+      if (g.bias != nullptr) {
+        fVec b0, b1;
+        load2(g.bias + t.n0 + c, n, b0, b1);
+        lo = lo + b0;
+        hi = hi + b1;
+      }
+      round_bf16(lo, hi);
+      if (pre != nullptr) store2_stream(pre + c, n, lo, hi);
+      store2_stream(act + c, n, gelu(lo, g.tanh_form), gelu(hi, g.tanh_form));
+    });
+  }
+}
+
+// acc becomes the gradient tile and act the activation tile (both float32, stride kPackCols).
+void gelu_grad_rows(const PackedGemm& g, const Tile& t, float* acc, float* act) {
+  float colsum[kPackCols] = {};
+  for (int64_t i = 0; i < t.rows; ++i) {
+    const BF16* h = g.h + (t.m0 + i) * g.ldh + t.n0;
+    float* d = acc + i * kPackCols;
+    float* a = act + i * kPackCols;
+    for_each_chunk(t.cols, [&](int64_t c, int64_t n) {
+      fVec g0, g1, h0, h1, a0, a1, d0, d1;
+      load2(d + c, n, g0, g1);
+      round_bf16(g0, g1);  // the bfloat16 grad of the activation, as an unfused backward has it
+      load2(h + c, n, h0, h1);
+      gelu_and_grad(h0, g.tanh_form, a0, d0);
+      gelu_and_grad(h1, g.tanh_form, a1, d1);
+      g0 = g0 * d0;
+      g1 = g1 * d1;
+      store2(d + c, n, g0, g1);
+      if (g.out2 != nullptr) store2(a + c, n, a0, a1);
+      if (g.bias_grad != nullptr) accumulate2(colsum + c, n, g0, g1);
+    });
+  }
+  if (g.bias_grad != nullptr) {
+    float* dst = g.bias_grad + t.mblock * g.n + t.n0;
+    for (int64_t c = 0; c < t.cols; ++c) dst[c] += colsum[c];
+  }
+}
+
+// Columns [n0, n0 + cols) of B from B^T [N, k] rows (stride ld) into `packed` (k2 rows).
+void pack_block_from_nk(const BF16* src, int64_t ld, int64_t k, int64_t k2, int64_t n0,
+                        int64_t cols, BF16* packed) {
+  // Rows of B^T viewed as 32-bit pairs are already VNNI pairs: one word transpose.
+  if (k % 2 == 0 && ld % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0) {
+    transpose32(src + n0 * ld, ld / 2, packed, kPackCols, cols, k2);
+  } else {
+    for (int64_t j = 0; j < cols; ++j) {
+      const BF16* row = src + (n0 + j) * ld;
+      for (int64_t kk = 0; kk < 2 * k2; ++kk) {
+        packed[(kk / 2) * 2 * kPackCols + 2 * j + kk % 2] = kk < k ? row[kk] : BF16(0.0f);
+      }
+    }
+  }
+  if (cols < kPackCols) {
+    for (int64_t r = 0; r < k2; ++r) {
+      std::fill(packed + r * 2 * kPackCols + 2 * cols, packed + (r + 1) * 2 * kPackCols, BF16(0.0f));
+    }
+  }
+}
+
+// Columns [n0, n0 + cols) of B from its rows: row r at src + (rows ? rows[r] : r) * ld, r < k.
+void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_t k, int64_t k2,
+                        int64_t n0, int64_t cols, BF16* packed) {
+  const auto row = [&](int64_t r) { return src + (rows != nullptr ? rows[r] : r) * ld + n0; };
+#if defined(CPU_CAPABILITY_AVX512)
+  // Word 2j of the interleave takes element j of the first row, word 2j + 1 element j of the
+  // second (vpermt2w: indices >= 32 pick from the second operand).
+  alignas(64) uint16_t lo_idx[32], hi_idx[32];
+  for (int j = 0; j < 16; ++j) {
+    lo_idx[2 * j] = j;
+    lo_idx[2 * j + 1] = 32 + j;
+    hi_idx[2 * j] = 16 + j;
+    hi_idx[2 * j + 1] = 48 + j;
+  }
+  const __m512i lo_perm = _mm512_load_si512(lo_idx), hi_perm = _mm512_load_si512(hi_idx);
+#endif
+  for (int64_t r = 0; r < k2; ++r) {
+    const BF16* first = row(2 * r);
+    const BF16* second = 2 * r + 1 < k ? row(2 * r + 1) : nullptr;
+    BF16* d = packed + r * 2 * kPackCols;
+#if defined(CPU_CAPABILITY_AVX512)
+    for (int64_t j0 = 0; j0 < kPackCols; j0 += 32) {
+      const int64_t len = std::clamp<int64_t>(cols - j0, 0, 32);
+      const __mmask32 mask = len == 32 ? ~__mmask32(0) : (__mmask32(1) << len) - 1;
+      const __m512i a = _mm512_maskz_loadu_epi16(mask, first + j0);
+      const __m512i b =
+          second != nullptr ? _mm512_maskz_loadu_epi16(mask, second + j0) : _mm512_setzero_si512();
+      _mm512_storeu_si512(d + 2 * j0, _mm512_permutex2var_epi16(a, lo_perm, b));
+      _mm512_storeu_si512(d + 2 * j0 + 32, _mm512_permutex2var_epi16(a, hi_perm, b));
+    }
+#else
+    for (int64_t j = 0; j < kPackCols; ++j) {
+      d[2 * j] = j < cols ? first[j] : BF16(0.0f);
+      d[2 * j + 1] = j < cols && second != nullptr ? second[j] : BF16(0.0f);
+    }
+#endif
+  }
+}
+
+}  // namespace
+
+void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
+  const int64_t mblocks = ceil_div64(g.m, kGemmRows), nblocks = ceil_div64(g.n, kPackCols);
+  const bool transposed =
+      g.epilogue == GemmEpilogue::kStoreT || g.epilogue == GemmEpilogue::kGeluGradT;
+  std::vector<BF16> packed(g.k * kPackCols);
+  std::vector<float> acc(kGemmRows * kPackCols);
+  std::vector<float> act(g.epilogue == GemmEpilogue::kGeluGradT ? kGemmRows * kPackCols : 0);
+  std::vector<float> scratch(transposed ? kPackCols * kGemmRows : 0);
+  // Work items are (panel of A rows, column block of B), panel-major: the threads work on
+  // the same panel (<= kPanelBytes of A, read from L3 once per column block) at a time, and A
+  // comes from memory once. Without panels an A larger than L3 (LLaVA's 8 images: 4608 x 4096)
+  // was streamed from memory once per column block: the GEMM ran ~8% slower.
+  const int64_t panel_tiles = std::max<int64_t>(1, kPanelBytes / (g.lda * 2 * kGemmRows));
+  const int64_t npanels = ceil_div64(mblocks, panel_tiles);
+  for (int64_t item; (item = next->fetch_add(1)) < npanels * nblocks;) {
+    const int64_t panel = item / nblocks, nb = item % nblocks;
+    Tile t;
+    t.n0 = nb * kPackCols;
+    t.cols = std::min(kPackCols, g.n - t.n0);
+    if (g.b_nk) {
+      pack_block_from_nk(g.b, g.ldb, g.b_k, g.k / 2, t.n0, t.cols, packed.data());
+    } else {
+      pack_block_from_kn(g.b, g.ldb, g.b_rows, g.b_k, g.k / 2, t.n0, t.cols, packed.data());
+    }
+    const int64_t mblock_end = std::min(mblocks, (panel + 1) * panel_tiles);
+    for (t.mblock = panel * panel_tiles; t.mblock < mblock_end; ++t.mblock) {
+      t.m0 = t.mblock * kGemmRows;
+      t.rows = std::min(kGemmRows, g.m - t.m0);
+      at::native::cpublas::brgemm(t.rows, t.cols, g.k, g.lda, kPackCols, kPackCols, false,
+                                  g.a + t.m0 * g.lda, packed.data(), acc.data(), true);
+      switch (g.epilogue) {
+        case GemmEpilogue::kStore: store_rows(g, t, acc.data()); break;
+        case GemmEpilogue::kStoreT:
+          store_transposed(acc.data(), t.rows, t.cols, g.out + t.n0 * g.ldo + t.m0, g.ldo,
+                           scratch.data());
+          break;
+        case GemmEpilogue::kBiasGelu: bias_gelu_rows(g, t, acc.data()); break;
+        case GemmEpilogue::kGeluGradT:
+          gelu_grad_rows(g, t, acc.data(), act.data());
+          if (g.out != nullptr) {
+            store_transposed(acc.data(), t.rows, t.cols, g.out + t.n0 * g.ldo + t.m0, g.ldo,
+                             scratch.data());
+          }
+          if (g.out2 != nullptr) {
+            store_transposed(act.data(), t.rows, t.cols, g.out2 + t.n0 * g.ldo2 + t.m0, g.ldo2,
+                             scratch.data());
+          }
+          break;
+      }
+    }
+  }
+  at::native::cpublas::brgemm_release(true);
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();  // the streamed stores are visible before the threads join
+#endif
+}
+
+}  // namespace mmfast::cpu::CPU_CAPABILITY

@@ -1,0 +1,72 @@
+// bfloat16 GEMMs of the projector on brgemm micro-kernels (ATen's cpublas::brgemm, which is
+// oneDNN's ukernel), with B packed block by block and the projector's elementwise work done in
+// the epilogue of each output tile while it is in cache.
+//
+// Why not ATen's mm / oneDNN's matmul: on a CPU with avx512_bf16 but no AMX (Zen 4) they run
+// the projector's GEMMs at 385-408 GFLOP/s on 2 threads, the same micro-kernels driven over
+// [256 x 64] tiles with each thread's 64-column block of B held in L2 at 415-430 (NOTES.md).
+#pragma once
+
+#include <c10/util/BFloat16.h>
+
+#include <atomic>
+#include <cstdint>
+
+#include "cpu/isa.h"
+
+namespace mmfast::cpu {
+
+// One task computes a [kGemmRows, kPackCols] tile of C over the whole of K.
+constexpr int64_t kPackCols = 64;
+constexpr int64_t kGemmRows = 256;
+
+enum class GemmEpilogue : int {
+  // out[row(m), n] = acc + bias[n]; row(m) = out_rows[m] (null: m)
+  kStore,
+  // out[n, m] = acc (C written transposed)
+  kStoreT,
+  // v = bf16(acc + bias[n]); out[m, n] = gelu(v); out2[m, n] = v (when out2). The activation is
+  // taken of the rounded pre-activation, the value the backward sees.
+  kBiasGelu,
+  // d = bf16(acc) * gelu'(h[m, n]); out[n, m] = d (when out); out2[n, m] = gelu(h[m, n]) (when
+  // out2); bias_grad[m / kGemmRows, n] = sum over the tile's rows of d (float32, when not null).
+  kGeluGradT,
+};
+
+// C [M, N] = A [M, K] B [K, N], then the epilogue. K is even: callers pad an odd K with a zero
+// column of A (B's missing row is packed as zeros).
+struct PackedGemm {
+  int64_t m = 0, n = 0, k = 0;
+  const c10::BFloat16* a = nullptr;  // [M, K], row stride lda
+  int64_t lda = 0;
+  // B, given either as B^T [N, b_k] (a weight as stored: b_nk) or as rows [b_k, N] (row r at
+  // b + b_rows[r] * ldb; b_rows null: r). b_k is k or k - 1.
+  const c10::BFloat16* b = nullptr;
+  int64_t ldb = 0;
+  int64_t b_k = 0;
+  bool b_nk = false;
+  const int64_t* b_rows = nullptr;
+  GemmEpilogue epilogue = GemmEpilogue::kStore;
+  const c10::BFloat16* bias = nullptr;  // [N] or null
+  c10::BFloat16* out = nullptr;         // row stride ldo
+  int64_t ldo = 0;
+  const int64_t* out_rows = nullptr;    // [M] (kStore) or null
+  c10::BFloat16* out2 = nullptr;        // row stride ldo2
+  int64_t ldo2 = 0;
+  const c10::BFloat16* h = nullptr;     // [M, N] (kGeluGradT), row stride ldh
+  int64_t ldh = 0;
+  float* bias_grad = nullptr;           // [ceil(M / kGemmRows), N] (kGeluGradT) or null
+  bool tanh_form = false;
+};
+
+inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace mmfast::cpu
+
+// Every thread of a parallel region calls this. A thread takes a work item (a panel of A's
+// rows and a 64-column block of B) from the shared counter `next`, packs the block into the
+// VNNI layout brgemm reads (K/2 rows of 64 pairs, K x 128 bytes, which then stays in its L2)
+// and computes the block's tiles in the panel, until no item is left. Packing inside the GEMM
+// saves a pass over B through memory.
+MMFAST_DECLARE_ISA_KERNEL(
+    void packed_gemm_bf16(const ::mmfast::cpu::PackedGemm& g, std::atomic<int64_t>* next))
