@@ -168,39 +168,46 @@ PackedGemm gemm_over(const Tensor& a, const Tensor& b, bool b_nk, GemmEpilogue e
   return g;
 }
 
-// x2 [N, Cin] -> (act [N, H], h [N, H]; h undefined when !keep_h) through packed_gemm. act is a
-// view of an even_k_buffer: the second layer's A operand.
-std::pair<Tensor, Tensor> first_layer_packed(const Tensor& x2, const Tensor& w1,
-                                             const std::optional<Tensor>& b1, bool tanh_form,
-                                             bool keep_h) {
-  const int64_t hid = w1.size(0);
-  const auto a = even_k_operand(x2);
-  const auto w = unit_stride(w1);
-  auto act = even_k_buffer(x2.size(0), hid, x2);
-  Tensor h = keep_h ? at::empty({x2.size(0), hid}, x2.options()) : Tensor();
-  const Tensor bias = b1.has_value() && b1->defined() ? b1->contiguous() : Tensor();
-  auto g = gemm_over(a, w, true, GemmEpilogue::kBiasGelu);
-  g.bias = bias.defined() ? bias.const_data_ptr<BF16>() : nullptr;
-  g.out = act.mutable_data_ptr<BF16>();
-  g.ldo = act.stride(0);
-  g.out2 = keep_h ? h.mutable_data_ptr<BF16>() : nullptr;
-  g.ldo2 = hid;
-  g.tanh_form = tanh_form;
-  run_packed_gemm(g);
-  return {act.narrow(1, 0, hid), h};
-}
+// Bytes of the activation per panel of rows in the packed forward (a part of L3).
+constexpr int64_t kActPanelBytes = int64_t(8) << 20;
 
-// out2[rows[k] (or k), :] = b2 + act[k] w2^T through packed_gemm; act from first_layer_packed.
-void second_layer_packed(const Tensor& act, const Tensor& w2, const std::optional<Tensor>& b2,
-                         Tensor& out2, const int64_t* rows) {
-  const auto w = unit_stride(w2);
-  const Tensor bias = b2.has_value() && b2->defined() ? b2->contiguous() : Tensor();
-  auto g = gemm_over(act, w, true, GemmEpilogue::kStore);
-  g.bias = bias.defined() ? bias.const_data_ptr<BF16>() : nullptr;
-  g.out = out2.mutable_data_ptr<BF16>();
-  g.ldo = out2.stride(0);
-  g.out_rows = rows;
-  run_packed_gemm(g);
+// The forward through packed_gemm: out2[rows[k] (or k), :] = b2 + gelu(x2[k] w1^T + b1) w2^T
+// for x2 [N, Cin]; returns h [N, H] (when keep_h). It runs by panels of rows: a panel's
+// activation (<= kActPanelBytes, one buffer for all panels) is still in L3 when the second
+// GEMM reads it, rather than an [N, H] tensor written to memory, faulted in page by page, and
+// read back. Both GEMMs walk A in panels anyway (packed_gemm.h), so w1 and w2 are read as
+// often as before.
+Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Tensor>& b1,
+                      const Tensor& w2, const std::optional<Tensor>& b2, bool tanh_form,
+                      bool keep_h, Tensor& out2, const int64_t* out_rows) {
+  const int64_t m = x2.size(0), hid = w1.size(0);
+  const auto a = even_k_operand(x2);
+  const auto w1u = unit_stride(w1), w2u = unit_stride(w2);
+  const Tensor bias1 = b1.has_value() && b1->defined() ? b1->contiguous() : Tensor();
+  const Tensor bias2 = b2.has_value() && b2->defined() ? b2->contiguous() : Tensor();
+  Tensor h = keep_h ? at::empty({m, hid}, x2.options()) : Tensor();
+  const int64_t ld_act = hid + hid % 2;
+  const int64_t panel_rows =
+      std::max<int64_t>(1, kActPanelBytes / (ld_act * 2 * kGemmRows)) * kGemmRows;
+  auto act = even_k_buffer(std::min(panel_rows, m), hid, x2);
+  for (int64_t r0 = 0; r0 < m; r0 += panel_rows) {
+    const int64_t rows = std::min(panel_rows, m - r0);
+    auto first = gemm_over(a.narrow(0, r0, rows), w1u, true, GemmEpilogue::kBiasGelu);
+    first.bias = bias1.defined() ? bias1.const_data_ptr<BF16>() : nullptr;
+    first.out = act.mutable_data_ptr<BF16>();
+    first.ldo = ld_act;
+    first.out2 = keep_h ? h.mutable_data_ptr<BF16>() + r0 * hid : nullptr;
+    first.ldo2 = hid;
+    first.tanh_form = tanh_form;
+    run_packed_gemm(first);
+    auto second = gemm_over(act.narrow(0, 0, rows).narrow(1, 0, hid), w2u, true, GemmEpilogue::kStore);
+    second.bias = bias2.defined() ? bias2.const_data_ptr<BF16>() : nullptr;
+    second.out = out2.mutable_data_ptr<BF16>() + (out_rows != nullptr ? 0 : r0 * out2.stride(0));
+    second.ldo = out2.stride(0);
+    second.out_rows = out_rows != nullptr ? out_rows + r0 : nullptr;
+    run_packed_gemm(second);
+  }
+  return h;
 }
 
 // x2 [N, Cin] -> (act [N, H], h [N, H]; h undefined when !keep_h)
@@ -229,10 +236,8 @@ std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
   const auto x2 = as_rows(x);
   Tensor out, h;
   if (use_packed_gemm(x, {x2.size(0), x2.size(1), w1.size(0), w2.size(0)})) {
-    Tensor act;
-    std::tie(act, h) = first_layer_packed(x2, w1, b1, tanh_form, keep_h);
     out = at::empty({x2.size(0), w2.size(0)}, x.options());
-    second_layer_packed(act, w2, b2, out, nullptr);
+    h = forward_packed(x2, w1, b1, w2, b2, tanh_form, keep_h, out, nullptr);
   } else {
     Tensor act;
     std::tie(act, h) = first_layer(x2, w1, b1, tanh_form, keep_h);
@@ -437,8 +442,6 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
   check_splice_args("projector_splice", x, w2, embeds, image_mask);
   const auto rows = placeholder_rows(image_mask, x.size(0));
   const bool packed = use_packed_gemm(x, {x.size(0), x.size(1), w1.size(0), w2.size(0)});
-  auto [act, h] = packed ? first_layer_packed(x, w1, b1, tanh_form, keep_h)
-                         : first_layer(x, w1, b1, tanh_form, keep_h);
   // Only the text rows come from embeds: the placeholder rows are written once, by the GEMMs.
   Tensor out;
   if (embeds.is_contiguous()) {
@@ -450,9 +453,10 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
   }
   auto out2 = out.view({-1, out.size(-1)});
   if (packed) {
-    second_layer_packed(act, w2, b2, out2, rows.data());
+    const auto h = forward_packed(x, w1, b1, w2, b2, tanh_form, keep_h, out2, rows.data());
     return {out, keep_h ? h : at::empty({0}, x.options())};
   }
+  auto [act, h] = first_layer(x, w1, b1, tanh_form, keep_h);
   if (x.scalar_type() == at::kFloat && x.size(0) > 0) {
     second_layer_by_columns(out2, act, w2, b2, rows);
     return {out, keep_h ? h : at::empty({0}, x.options())};
