@@ -40,21 +40,6 @@ inline void round_bf16(fVec& lo, fVec& hi) {
   std::tie(lo, hi) = at::vec::convert_to_float<BF16>(at::vec::convert_from_float<BF16>(lo, hi));
 }
 
-// store2 for outputs that are not read again soon (all of this file's: they are larger than
-// the caches, and a tile's rows are scattered 8 KiB or more apart). A whole aligned 64-byte
-// line goes around the caches: no read for ownership of a line that is entirely overwritten,
-// which made the stores latency-bound (about a tenth of a GEMM's time). The caller fences.
-inline void store2_stream(BF16* p, int64_t n, const fVec& lo, const fVec& hi) {
-#if defined(CPU_CAPABILITY_AVX512)
-  if (n == kChunk && reinterpret_cast<uintptr_t>(p) % 64 == 0) {
-    const __m512i v = at::vec::convert_from_float<BF16>(lo, hi);
-    _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
-    return;
-  }
-#endif
-  store2(p, n, lo, hi);
-}
-
 // A tile of float32 rows (stride kPackCols) -> bfloat16 rows of dst, transposed:
 // dst[c * ld + i] = tile[i][c]. Through a float32 transpose in cache (t: kPackCols x kGemmRows).
 void store_transposed(const float* tile, int64_t rows, int64_t cols, BF16* dst, int64_t ld,
@@ -66,7 +51,7 @@ void store_transposed(const float* tile, int64_t rows, int64_t cols, BF16* dst, 
     for_each_chunk(rows, [&](int64_t i, int64_t n) {
       fVec lo, hi;
       load2(src + i, n, lo, hi);
-      store2_stream(out + i, n, lo, hi);
+      store2(out + i, n, lo, hi);
     });
   }
 }
@@ -88,7 +73,7 @@ void store_rows(const PackedGemm& g, const Tile& t, const float* acc) {
         lo = lo + b0;
         hi = hi + b1;
       }
-      store2_stream(dst + c, n, lo, hi);
+      store2(dst + c, n, lo, hi);
     });
   }
 }
@@ -107,8 +92,8 @@ void bias_gelu_rows(const PackedGemm& g, const Tile& t, const float* acc) {
         hi = hi + b1;
       }
       round_bf16(lo, hi);
-      if (pre != nullptr) store2_stream(pre + c, n, lo, hi);
-      store2_stream(act + c, n, gelu(lo, g.tanh_form), gelu(hi, g.tanh_form));
+      if (pre != nullptr) store2(pre + c, n, lo, hi);
+      store2(act + c, n, gelu(lo, g.tanh_form), gelu(hi, g.tanh_form));
     });
   }
 }
@@ -266,9 +251,6 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
     }
   }
   at::native::cpublas::brgemm_release(true);
-#if defined(CPU_CAPABILITY_AVX512)
-  _mm_sfence();  // the streamed stores are visible before the threads join
-#endif
 }
 
 }  // namespace mmfast::cpu::CPU_CAPABILITY
