@@ -8,6 +8,7 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <ATen/native/CPUBlas.h>
+#include <c10/util/Exception.h>
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
@@ -23,6 +24,10 @@
 #include "cpu/vec/transpose.h"
 
 namespace mmfast::cpu::CPU_CAPABILITY {
+
+// Only the AVX512 build runs (the projector calls packed_gemm on CPUs with avx512_bf16 and
+// that build active); the others define the entry point to fail loudly.
+#if defined(CPU_CAPABILITY_AVX512)
 
 namespace {
 
@@ -159,7 +164,6 @@ void pack_block_from_nk(const BF16* src, int64_t ld, int64_t k, int64_t k2, int6
 void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_t k, int64_t k2,
                         int64_t n0, int64_t cols, BF16* packed) {
   const auto row = [&](int64_t r) { return src + (rows != nullptr ? rows[r] : r) * ld + n0; };
-#if defined(CPU_CAPABILITY_AVX512)
   // Word 2j of the interleave takes element j of the first row, word 2j + 1 element j of the
   // second (vpermt2w: indices >= 32 pick from the second operand).
   alignas(64) uint16_t lo_idx[32], hi_idx[32];
@@ -170,12 +174,10 @@ void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_
     hi_idx[2 * j + 1] = 48 + j;
   }
   const __m512i lo_perm = _mm512_load_si512(lo_idx), hi_perm = _mm512_load_si512(hi_idx);
-#endif
   for (int64_t r = 0; r < k2; ++r) {
     const BF16* first = row(2 * r);
     const BF16* second = 2 * r + 1 < k ? row(2 * r + 1) : nullptr;
     BF16* d = packed + r * 2 * kPackCols;
-#if defined(CPU_CAPABILITY_AVX512)
     for (int64_t j0 = 0; j0 < kPackCols; j0 += 32) {
       const int64_t len = std::clamp<int64_t>(cols - j0, 0, 32);
       const __mmask32 mask = len == 32 ? ~__mmask32(0) : (__mmask32(1) << len) - 1;
@@ -185,12 +187,6 @@ void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_
       _mm512_storeu_si512(d + 2 * j0, _mm512_permutex2var_epi16(a, lo_perm, b));
       _mm512_storeu_si512(d + 2 * j0 + 32, _mm512_permutex2var_epi16(a, hi_perm, b));
     }
-#else
-    for (int64_t j = 0; j < kPackCols; ++j) {
-      d[2 * j] = j < cols ? first[j] : BF16(0.0f);
-      d[2 * j + 1] = j < cols && second != nullptr ? second[j] : BF16(0.0f);
-    }
-#endif
   }
 }
 
@@ -252,5 +248,13 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
   }
   at::native::cpublas::brgemm_release(true);
 }
+
+#else
+
+void packed_gemm_bf16(const PackedGemm&, std::atomic<int64_t>*) {
+  TORCH_INTERNAL_ASSERT(false, "packed_gemm_bf16 runs only in the AVX512 build");
+}
+
+#endif
 
 }  // namespace mmfast::cpu::CPU_CAPABILITY

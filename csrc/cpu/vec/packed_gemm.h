@@ -69,6 +69,6 @@ inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 // rows and a 64-column block of B) from the shared counter `next`, packs the block into the
 // VNNI layout brgemm reads (K/2 rows of 64 pairs, K x 128 bytes, which then stays in its L2)
 // and computes the block's tiles in the panel, until no item is left. Packing inside the GEMM
-// saves a pass over B through memory.
+// saves a pass over B through memory. Implemented in the AVX512 build only (the others assert).
 MMFAST_DECLARE_ISA_KERNEL(
     void packed_gemm_bf16(const ::mmfast::cpu::PackedGemm& g, std::atomic<int64_t>* next))
