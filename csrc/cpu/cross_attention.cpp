@@ -13,6 +13,7 @@
 #include <limits>
 #include <vector>
 
+#include "common/ceil_div.h"
 #include "common/cross_attention.h"
 #include "cpu/vec/cross_attention.h"
 
@@ -33,8 +34,6 @@ constexpr int64_t kBlockM = 64;
 int64_t key_block(bool media, int64_t Lk) {
   return media ? 64 : std::clamp<int64_t>(Lk, 64, 256);
 }
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // Last dim contiguous and rows at least D apart (what the tile GEMMs read); anything else is
 // copied once.

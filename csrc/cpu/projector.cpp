@@ -34,10 +34,10 @@
 
 #include <algorithm>
 #include <array>
-#include <initializer_list>
-#include <tuple>
 #include <atomic>
 #include <cstring>
+#include <initializer_list>
+#include <tuple>
 #include <utility>
 #include <vector>
 
@@ -64,6 +64,11 @@ constexpr int64_t kMinDirectRun = 32;
 constexpr int64_t kSplicePanelCols = 512;
 
 Tensor as_rows(const Tensor& t) { return t.reshape({-1, t.size(-1)}); }
+
+// An optional bias, contiguous, or an undefined tensor when there is none.
+Tensor contiguous_bias(const std::optional<Tensor>& b) {
+  return b.has_value() && b->defined() ? b->contiguous() : Tensor();
+}
 
 // input [M, K] @ weight[N, K]^T (+ bias [N]) -> [M, N] through oneDNN's matmul (the op behind
 // torch.compile's CPU linear fusions), or an undefined tensor where it does not apply. In
@@ -106,7 +111,7 @@ Tensor defined_or_empty(const Tensor& t, const Tensor& like) {
 Tensor bias_gelu_keep(Tensor& h, const std::optional<Tensor>& b1, bool tanh_form, bool keep_h) {
   auto act = keep_h ? at::empty_like(h) : h;
   const int64_t cols = h.size(1);
-  const Tensor bias = b1.has_value() && b1->defined() ? b1->contiguous() : Tensor();
+  const Tensor bias = contiguous_bias(b1);
   const auto kernel = MMFAST_PICK_ISA(bias_gelu_keep_rows);
   at::parallel_for(0, h.size(0), row_grain(cols), [&](int64_t r0, int64_t r1) {
     kernel(h.scalar_type(), h.mutable_data_ptr(), bias.defined() ? bias.const_data_ptr() : nullptr,
@@ -183,8 +188,7 @@ Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Te
   const int64_t m = x2.size(0), hid = w1.size(0);
   const auto a = even_k_operand(x2);
   const auto w1u = unit_stride(w1), w2u = unit_stride(w2);
-  const Tensor bias1 = b1.has_value() && b1->defined() ? b1->contiguous() : Tensor();
-  const Tensor bias2 = b2.has_value() && b2->defined() ? b2->contiguous() : Tensor();
+  const Tensor bias1 = contiguous_bias(b1), bias2 = contiguous_bias(b2);
   Tensor h = keep_h ? at::empty({m, hid}, x2.options()) : Tensor();
   const int64_t ld_act = hid + hid % 2;
   const int64_t panel_rows =
@@ -251,9 +255,7 @@ std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
   return {out.view(lead), h.view(h_shape)};
 }
 
-// Gradients of the projector from g [N, Hout] (grad of its output rows), x2 [N, Cin] and the
-// saved pre-activation h2 [N, H]. mask: which of (x, w1, b1, w2, b2) to compute; the others
-// come back undefined and cost nothing.
+// backward_rows through packed_gemm (bfloat16, grad_h needed).
 std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, const Tensor& h2,
                                            const std::optional<Tensor>& w1, const Tensor& w2,
                                            bool tanh_form, std::array<bool, 5> mask) {
@@ -263,7 +265,7 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
   // g w2 (tokens padded to even with a zero column, as packed_gemm wants).
   auto grad_t = even_k_buffer(hid, m, g);
   auto act_t = mask[3] ? even_k_buffer(hid, m, g) : Tensor();
-  Tensor partial = mask[2] ? at::zeros({ceil_div64(m, kGemmRows), hid}, g.options().dtype(at::kFloat))
+  Tensor partial = mask[2] ? at::zeros({ceil_div(m, kGemmRows), hid}, g.options().dtype(at::kFloat))
                            : Tensor();
   {
     const auto a = even_k_operand(g);
@@ -303,6 +305,9 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
   return grads;
 }
 
+// Gradients of the projector from g [N, Hout] (grad of its output rows), x2 [N, Cin] and the
+// saved pre-activation h2 [N, H]. mask: which of (x, w1, b1, w2, b2) to compute; the others
+// come back undefined and cost nothing.
 std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Tensor& h2,
                                     const std::optional<Tensor>& w1, const Tensor& w2, bool tanh_form,
                                     std::array<bool, 5> mask) {

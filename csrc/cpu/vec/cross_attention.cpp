@@ -6,6 +6,7 @@
 // with dP = dO Vᵀ and delta = rowsum(dO ∘ O) - grad_lse; one task per key head computes dq of
 // its query heads and dk/dv, so no two tasks write the same output. Tile GEMMs go through ATen's cpublas::brgemm
 // (float32 accumulation whatever the input type).
+#include "common/ceil_div.h"
 #include "cpu/vec/cross_attention.h"
 #include "cpu/vec/dispatch.h"
 
@@ -28,8 +29,6 @@ namespace {
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t W = fVec::size();
 constexpr float kInf = std::numeric_limits<float>::infinity();
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 enum class Rel { Skip, Full, Partial };
 

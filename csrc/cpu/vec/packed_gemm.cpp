@@ -65,19 +65,25 @@ struct Tile {
   int64_t m0, rows, n0, cols, mblock;
 };
 
+// Row i, columns [c, c + n) of the tile plus the bias (when there is one).
+inline void load_biased(const PackedGemm& g, const Tile& t, const float* acc, int64_t i,
+                        int64_t c, int64_t n, fVec& lo, fVec& hi) {
+  load2(acc + i * kPackCols + c, n, lo, hi);
+  if (g.bias != nullptr) {
+    fVec b0, b1;
+    load2(g.bias + t.n0 + c, n, b0, b1);
+    lo = lo + b0;
+    hi = hi + b1;
+  }
+}
+
 void store_rows(const PackedGemm& g, const Tile& t, const float* acc) {
   for (int64_t i = 0; i < t.rows; ++i) {
     const int64_t row = g.out_rows != nullptr ? g.out_rows[t.m0 + i] : t.m0 + i;
     BF16* dst = g.out + row * g.ldo + t.n0;
     for_each_chunk(t.cols, [&](int64_t c, int64_t n) {
       fVec lo, hi;
-      load2(acc + i * kPackCols + c, n, lo, hi);
-      if (g.bias != nullptr) {
-        fVec b0, b1;
-        load2(g.bias + t.n0 + c, n, b0, b1);
-        lo = lo + b0;
-        hi = hi + b1;
-      }
+      load_biased(g, t, acc, i, c, n, lo, hi);
       store2(dst + c, n, lo, hi);
     });
   }
@@ -89,13 +95,7 @@ void bias_gelu_rows(const PackedGemm& g, const Tile& t, const float* acc) {
     BF16* pre = g.out2 == nullptr ? nullptr : g.out2 + (t.m0 + i) * g.ldo2 + t.n0;
     for_each_chunk(t.cols, [&](int64_t c, int64_t n) {
       fVec lo, hi;
-      load2(acc + i * kPackCols + c, n, lo, hi);
-      if (g.bias != nullptr) {
-        fVec b0, b1;
-        load2(g.bias + t.n0 + c, n, b0, b1);
-        lo = lo + b0;
-        hi = hi + b1;
-      }
+      load_biased(g, t, acc, i, c, n, lo, hi);
       round_bf16(lo, hi);
       if (pre != nullptr) store2(pre + c, n, lo, hi);
       store2(act + c, n, gelu(lo, g.tanh_form), gelu(hi, g.tanh_form));
@@ -194,7 +194,7 @@ void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_
 }  // namespace
 
 void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
-  const int64_t mblocks = ceil_div64(g.m, kGemmRows), nblocks = ceil_div64(g.n, kPackCols);
+  const int64_t mblocks = ceil_div(g.m, kGemmRows), nblocks = ceil_div(g.n, kPackCols);
   const bool transposed =
       g.epilogue == GemmEpilogue::kStoreT || g.epilogue == GemmEpilogue::kGeluGradT;
   std::vector<BF16> packed(g.k * kPackCols);
@@ -207,7 +207,7 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
   // was streamed from memory once per column block: the forward ran 4-7% slower (timing
   // script).
   const int64_t panel_tiles = std::max<int64_t>(1, kPanelBytes / (g.lda * 2 * kGemmRows));
-  const int64_t npanels = ceil_div64(mblocks, panel_tiles);
+  const int64_t npanels = ceil_div(mblocks, panel_tiles);
   for (int64_t item; (item = next->fetch_add(1)) < npanels * nblocks;) {
     const int64_t panel = item / nblocks, nb = item % nblocks;
     Tile t;

@@ -14,6 +14,7 @@
 #include <atomic>
 #include <cstdint>
 
+#include "common/ceil_div.h"
 #include "cpu/isa.h"
 
 namespace mmfast::cpu {
@@ -60,8 +61,6 @@ struct PackedGemm {
   float* bias_grad = nullptr;           // [ceil(M / kGemmRows), N] (kGeluGradT) or null
   bool tanh_form = false;
 };
-
-inline int64_t ceil_div64(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 }  // namespace mmfast::cpu
 
