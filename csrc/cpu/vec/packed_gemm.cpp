@@ -1,17 +1,18 @@
 // packed_gemm_bf16, compiled once per ISA (declarations in packed_gemm.h).
 //
 // A packed block of B holds its columns [n0, n0 + 64) as K/2 rows of 64 pairs,
-// packed[k2][j][e] = B[2 k2 + e][n0 + j], zeros past K and N: the VNNI layout of brgemm's
-// bfloat16 kernels.
+// packed[k2][j][e] = B[2 k2 + e][n0 + j], zeros past K and N: the VNNI layout of the
+// bfloat16 dot-product instructions (vnni_tile.h).
 #include "cpu/vec/packed_gemm.h"
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
-#include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
+
+#include "cpu/vec/vnni_tile.h"
 #endif
 
 #include <algorithm>
@@ -32,12 +33,15 @@ namespace {
 
 using BF16 = c10::BFloat16;
 
+static_assert(kVnniCols == kPackCols, "a packed block is one vnni_tile wide");
+
 // Bytes of A per panel: a part of L3 (32 MiB here, shared). In a timing script 4 and 16 MiB
 // ran LLaVA-1.5-7B's training step 2-3% slower.
 constexpr int64_t kPanelBytes = int64_t(8) << 20;
 
-// K per brgemm call (even): 2048 x 64 of B is 256 KiB. At K = 5120 calls of 2048 ran the GEMM
-// at ~420 GFLOP/s, one call over all of K at ~395-410 (timing script, LLaVA-1.5-13B shapes).
+// K per tile pass (even): 2048 x 64 of B is 256 KiB, held in L2. With brgemm as the tile
+// kernel, at K = 5120 passes of 2048 ran the GEMM at ~420 GFLOP/s, one pass over all of K at
+// ~395-410 (timing script, LLaVA-1.5-13B shapes).
 constexpr int64_t kDepth = 2048;
 
 // The float pair rounded to bfloat16 and widened back: the value a bfloat16 tensor would hold.
@@ -223,9 +227,8 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
       t.m0 = t.mblock * kGemmRows;
       t.rows = std::min(kGemmRows, g.m - t.m0);
       for (int64_t k0 = 0; k0 < g.k; k0 += kDepth) {
-        at::native::cpublas::brgemm(t.rows, t.cols, std::min(kDepth, g.k - k0), g.lda, kPackCols,
-                                    kPackCols, k0 > 0, g.a + t.m0 * g.lda + k0,
-                                    packed.data() + k0 * kPackCols, acc.data(), true);
+        vnni_tile(t.rows, std::min(kDepth, g.k - k0) / 2, g.a + t.m0 * g.lda + k0, g.lda,
+                  packed.data() + k0 * kPackCols, acc.data(), k0 > 0);
       }
       switch (g.epilogue) {
         case GemmEpilogue::kStore: store_rows(g, t, acc.data()); break;
@@ -248,7 +251,6 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
       }
     }
   }
-  at::native::cpublas::brgemm_release(true);
 }
 
 #else
