@@ -34,7 +34,7 @@ def test_odd_llava_sizes(dtype, n, approximate, bias):
 
 
 def test_bfloat16_gemm_tiling_edges():
-    """bfloat16 at the sizes the brgemm path (CPUs with avx512_bf16) pads or cuts: odd Cin and
+    """bfloat16 at the sizes the packed-GEMM path (CPUs with avx512_bf16) pads or cuts: odd Cin and
     token count (K padded with a zero column), 513 tokens (two full 256-row tiles and one row),
     4097 output columns (64-column blocks, the last one partial), and weights read with a row
     stride: w1 a slice (odd K, stride 1028), w2 a slice (even K, stride 132)."""
@@ -49,9 +49,10 @@ def test_bfloat16_gemm_tiling_edges():
         compare_fwd_bwd(ops.projector, reference.projector, (*args, approximate), dt)
 
 
-def test_bfloat16_without_brgemm():
+def test_bfloat16_without_packed_gemm():
     """Capped at the AVX2 build (as on a CPU without avx512_bf16), bfloat16 GEMMs go through
-    ATen instead of the brgemm path: projector and splice still match, forward and backward."""
+    ATen instead of the packed-GEMM path: projector and splice still match, forward and
+    backward."""
     tests = ["tests/ops/test_projector.py::test_matches_reference_on_samples[dtype2]",
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype2]",
              "tests/ops/test_projector.py::test_bfloat16_gemm_tiling_edges",
@@ -61,6 +62,22 @@ def test_bfloat16_without_brgemm():
                          env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+
+
+# (x, w1, b1, w2, b2) trained: each gradient the packed backward makes, alone and together.
+@pytest.mark.parametrize("trained", [(True, False, False, False, False),
+                                     (False, True, False, False, False),
+                                     (False, False, True, True, False),
+                                     (False, True, True, True, True),
+                                     (True, True, True, True, True)])
+def test_bfloat16_packed_backward_gradients(trained):
+    """bfloat16 with enough tokens (391) for the packed backward on CPUs with avx512_bf16 (fewer
+    go through ATen): the requested gradients match the reference, odd token count included."""
+    dt = torch.bfloat16
+    x = torch.randn(391, 72, dtype=dt)
+    w1, b1, w2, b2 = make_weights(72, 96, 40, device="cpu", dtype=dt, bias=True)
+    args = [t.requires_grad_(r) for t, r in zip((x, w1, b1, w2, b2), trained)]
+    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
 
 
 # Every combination of frozen / trained inputs (x, w1, b1, w2, b2).
