@@ -11,7 +11,7 @@ Isa active_isa();
 const char* isa_name(Isa isa);
 
 // Whether the CPU has AVX512's bfloat16 dot products (avx512_bf16), and the AVX512 build is
-// active: the condition for the bfloat16 brgemm kernels to run at full rate without AMX.
+// active: the condition for packed_gemm's bfloat16 tile kernel (vdpbf16ps).
 bool bf16_dot_products();
 
 // Picks the build of one kernel that matches active_isa().

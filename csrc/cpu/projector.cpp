@@ -1,8 +1,8 @@
 // CPU kernels of mmfast::projector and mmfast::projector_splice (and their backwards).
 //
-// The projector is GEMM-bound. In bfloat16 on a CPU with avx512_bf16 its GEMMs are brgemm
-// tiles driven by packed_gemm (csrc/cpu/vec/packed_gemm.h), and the elementwise work is done
-// in each output tile's epilogue:
+// The projector is GEMM-bound. In bfloat16 on a CPU with avx512_bf16 its GEMMs are tiles of
+// our own dot-product kernel driven by packed_gemm (csrc/cpu/vec/packed_gemm.h), and the
+// elementwise work is done in each output tile's epilogue (the backward from 384 tokens):
 //   forward   act = gelu(x w1^T + b1) (and h = x w1^T + b1 kept for the backward) in the first
 //             GEMM's tiles; out = b2 + act w2^T, rows written straight to their destination
 //             (the splice's placeholder rows) by the second's

@@ -1,12 +1,11 @@
-// bfloat16 GEMMs of the projector on brgemm micro-kernels (ATen's cpublas::brgemm, which is
-// oneDNN's ukernel), with B packed block by block and the projector's elementwise work done in
-// the epilogue of each output tile while it is in cache.
+// bfloat16 GEMMs of the projector on our own tile kernel (vnni_tile.h: vdpbf16ps, 6 x 64
+// outputs in registers), with B packed block by block and the projector's elementwise work
+// done in the epilogue of each output tile while it is in cache.
 //
 // Why not ATen's mm / oneDNN's matmul: on a CPU with avx512_bf16 but no AMX (Zen 4) they ran
-// the projector's GEMMs at 385-408 GFLOP/s on 2 threads in a micro-benchmark, the same
-// micro-kernels driven over [256 x 64] tiles with each thread's 64-column block of B held in
-// L2 at 415-430 (NOTES.md); in the suite the projector's bf16 GEMMs reach 94-99% of the
-// measured GEMM peak, eager's 88-94%.
+// the projector's GEMMs at 385-408 GFLOP/s on 2 threads in a micro-benchmark. oneDNN's brgemm
+// ukernel driven over [256 x 64] tiles, each thread's 64-column block of B held in L2, ran at
+// 415-430; vnni_tile's loop at 224-232 per core (peak: 234 per core). Suite figures: README.
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -66,7 +65,7 @@ struct PackedGemm {
 
 // Every thread of a parallel region calls this. A thread takes a work item (a panel of A's
 // rows and a 64-column block of B) from the shared counter `next`, packs the block into the
-// VNNI layout brgemm reads (K/2 rows of 64 pairs, K x 128 bytes, which then stays in its L2)
+// VNNI layout vnni_tile reads (K/2 rows of 64 pairs, K x 128 bytes, which then stays in its L2)
 // and computes the block's tiles in the panel, until no item is left. Packing inside the GEMM
 // saves a pass over B through memory. Implemented in the AVX512 build only (the others assert).
 MMFAST_DECLARE_ISA_KERNEL(
