@@ -179,7 +179,19 @@ void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_
     hi_idx[2 * j + 1] = 48 + j;
   }
   const __m512i lo_perm = _mm512_load_si512(lo_idx), hi_perm = _mm512_load_si512(hi_idx);
+  // The rows are a row of B apart (10 KiB for a 13B weight), which the hardware prefetcher
+  // does not follow: the loads below took ~40% of this function's samples in a profile of
+  // LLaVA-1.5-13B's training step. Fetched kPrefetchPairs pairs ahead, their latency overlaps.
+  constexpr int64_t kPrefetchPairs = 32;
+  const auto prefetch_pair = [&](int64_t r) {
+    for (int64_t kk = 2 * r; kk < std::min(2 * r + 2, k); ++kk) {
+      const char* p = reinterpret_cast<const char*>(row(kk));
+      for (int64_t b = 0; b < cols * 2; b += 64) __builtin_prefetch(p + b, 0, 3);
+    }
+  };
+  for (int64_t r = 0; r < std::min(kPrefetchPairs, k2); ++r) prefetch_pair(r);
   for (int64_t r = 0; r < k2; ++r) {
+    if (r + kPrefetchPairs < k2) prefetch_pair(r + kPrefetchPairs);
     const BF16* first = row(2 * r);
     const BF16* second = 2 * r + 1 < k ? row(2 * r + 1) : nullptr;
     BF16* d = packed + r * 2 * kPackCols;
