@@ -41,7 +41,8 @@ constexpr int64_t kPanelBytes = int64_t(8) << 20;
 
 // K per tile pass (even): 2048 x 64 of B is 256 KiB, held in L2. With brgemm as the tile
 // kernel, at K = 5120 passes of 2048 ran the GEMM at ~420 GFLOP/s, one pass over all of K at
-// ~395-410 (timing script, LLaVA-1.5-13B shapes).
+// ~395-410; with vnni_tile both took the same time (LLaVA-1.5-13B forward, 696 ms; timing
+// script), and the smaller block leaves more of L2 to A.
 constexpr int64_t kDepth = 2048;
 
 // The float pair rounded to bfloat16 and widened back: the value a bfloat16 tensor would hold.
