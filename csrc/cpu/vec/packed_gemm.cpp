@@ -45,6 +45,13 @@ constexpr int64_t kPanelBytes = int64_t(8) << 20;
 // script), and the smaller block leaves more of L2 to A.
 constexpr int64_t kDepth = 2048;
 
+// Prefetches bytes [p, p + bytes), one line (64 bytes) at a time: rows a stride apart, which
+// the hardware prefetcher does not follow.
+inline void prefetch_span(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
+}
+
 // The float pair rounded to bfloat16 and widened back: the value a bfloat16 tensor would hold.
 inline void round_bf16(fVec& lo, fVec& hi) {
   std::tie(lo, hi) = at::vec::convert_to_float<BF16>(at::vec::convert_from_float<BF16>(lo, hi));
@@ -115,8 +122,7 @@ void gelu_grad_rows(const PackedGemm& g, const Tile& t, float* acc, float* act) 
   // overlaps the work.
   constexpr int64_t kPrefetchRows = 8;
   const auto prefetch_h = [&](int64_t i) {
-    const char* p = reinterpret_cast<const char*>(g.h + (t.m0 + i) * g.ldh + t.n0);
-    for (int64_t b = 0; b < t.cols * 2; b += 64) __builtin_prefetch(p + b, 0, 3);
+    prefetch_span(g.h + (t.m0 + i) * g.ldh + t.n0, t.cols * sizeof(BF16));
   };
   for (int64_t i = 0; i < std::min(kPrefetchRows, t.rows); ++i) prefetch_h(i);
   float colsum[kPackCols] = {};
@@ -186,8 +192,7 @@ void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_
   constexpr int64_t kPrefetchPairs = 32;
   const auto prefetch_pair = [&](int64_t r) {
     for (int64_t kk = 2 * r; kk < std::min(2 * r + 2, k); ++kk) {
-      const char* p = reinterpret_cast<const char*>(row(kk));
-      for (int64_t b = 0; b < cols * 2; b += 64) __builtin_prefetch(p + b, 0, 3);
+      prefetch_span(row(kk), cols * sizeof(BF16));
     }
   };
   for (int64_t r = 0; r < std::min(kPrefetchPairs, k2); ++r) prefetch_pair(r);
