@@ -173,6 +173,21 @@ PackedGemm gemm_over(const Tensor& a, const Tensor& b, bool b_nk, GemmEpilogue e
   return g;
 }
 
+// Elements of g's B packed whole (g.b_packed).
+int64_t packed_b_numel(const PackedGemm& g) { return ceil_div(g.n, kPackCols) * kPackCols * g.k; }
+
+// Packs g's B (given as rows, no row map) once for all of g's panels into `buffer` (bfloat16, at
+// least packed_b_numel(g) elements, outliving the GEMM), which g then reads.
+void pack_b_once(PackedGemm& g, Tensor& buffer) {
+  TORCH_INTERNAL_ASSERT(!g.b_nk && g.b_rows == nullptr && buffer.numel() >= packed_b_numel(g));
+  BF16* dst = buffer.mutable_data_ptr<BF16>();
+  const auto kernel = MMFAST_PICK_ISA(pack_b_rows_bf16);
+  at::parallel_for(0, g.k / 2, 64, [&](int64_t p0, int64_t p1) {
+    kernel(g.b, g.ldb, g.b_k, g.k, g.n, p0, p1, dst);
+  });
+  g.b_packed = dst;
+}
+
 // Fewest tokens for the packed backward (see backward_rows).
 constexpr int64_t kPackedBackwardMinRows = 384;
 
@@ -270,6 +285,7 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
   auto act_t = mask[3] ? even_k_buffer(hid, m, g) : Tensor();
   Tensor partial = mask[2] ? at::zeros({ceil_div(m, kGemmRows), hid}, g.options().dtype(at::kFloat))
                            : Tensor();
+  if (mask[3]) grads[3] = at::empty({hout, hid}, g.options());
   {
     const auto a = even_k_operand(g);
     const auto w = unit_stride(w2);
@@ -282,12 +298,20 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
     p.ldh = h2.stride(0);
     p.bias_grad = mask[2] ? partial.mutable_data_ptr<float>() : nullptr;
     p.tanh_form = tanh_form;
+    // With several panels of g, w2's column blocks would each be packed once per panel, by
+    // loads a row of w2 apart (10 KiB at 13B: a page each, so TLB misses too; ~2% of the 13B
+    // training step's samples). Packed once, row by row in order, it took 0.1%. The packed
+    // copy lives in dw2's buffer (as large when hidden is a multiple of 64), which dw2's GEMM
+    // overwrites afterwards: no memory beyond what the backward holds anyway, and the buffer's
+    // first-touch page faults (above 32 MiB malloc maps fresh pages) are paid only once.
+    if (gemm_panels(p) > 1 && mask[3] && packed_b_numel(p) <= grads[3].numel()) {
+      pack_b_once(p, grads[3]);
+    }
     run_packed_gemm(p);
   }
   if (mask[2]) grads[2] = partial.sum(0).to(h2.scalar_type());
   if (mask[3]) {
     // dw2^T [H, Hout] = act^T g, stored transposed
-    grads[3] = at::empty({hout, hid}, g.options());
     auto p = gemm_over(act_t.narrow(1, 0, m), g, false, GemmEpilogue::kStoreT);
     p.out = grads[3].mutable_data_ptr<BF16>();
     p.ldo = hid;

@@ -82,6 +82,18 @@ def test_bfloat16_packed_backward_gradients(trained):
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
 
 
+@pytest.mark.parametrize("hidden", [128, 100])
+def test_bfloat16_packed_backward_over_panels(hidden):
+    """bfloat16, grad_out over 8 MiB (1100 x 4096: two panels of its rows in the g w2 GEMM).
+    With hidden a multiple of 64 w2 is packed once for both panels, into dw2's buffer before
+    dw2 is computed there; with hidden 100 each panel packs w2's column blocks itself."""
+    dt = torch.bfloat16
+    x = torch.randn(1100, 40, dtype=dt)
+    w1, b1, w2, b2 = make_weights(40, hidden, 4096, device="cpu", dtype=dt, bias=True)
+    args = [t.requires_grad_(r) for t, r in zip((x, w1, b1, w2, b2), (True,) * 5)]
+    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+
+
 # Every combination of frozen / trained inputs (x, w1, b1, w2, b2).
 @pytest.mark.parametrize("trained", [m for m in itertools.product((False, True), repeat=5) if any(m)])
 def test_frozen_inputs_get_no_gradient(trained):

@@ -16,7 +16,6 @@
 #endif
 
 #include <algorithm>
-#include <tuple>
 #include <vector>
 
 #include "cpu/vec/chunk.h"
@@ -25,19 +24,15 @@
 
 namespace mmfast::cpu::CPU_CAPABILITY {
 
+using BF16 = c10::BFloat16;
+
 // Only the AVX512 build runs (the projector calls packed_gemm on CPUs with avx512_bf16 and
 // that build active); the others define the entry point to fail loudly.
 #if defined(CPU_CAPABILITY_AVX512)
 
 namespace {
 
-using BF16 = c10::BFloat16;
-
 static_assert(kVnniCols == kPackCols, "a packed block is one vnni_tile wide");
-
-// Bytes of A per panel: a part of L3 (32 MiB here, shared). In a timing script 4 and 16 MiB
-// ran LLaVA-1.5-7B's training step 2-3% slower.
-constexpr int64_t kPanelBytes = int64_t(8) << 20;
 
 // K per tile pass (even): 2048 x 64 of B is 256 KiB, held in L2. With brgemm as the tile
 // kernel, at K = 5120 passes of 2048 ran the GEMM at ~420 GFLOP/s, one pass over all of K at
@@ -52,24 +47,51 @@ inline void prefetch_span(const void* p, int64_t bytes) {
   for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(c + b, 0, 3);
 }
 
+// The epilogues convert to bfloat16 with avx512_bf16's vcvtne2ps2bf16: one instruction for 32
+// values, where ATen's conversion (its build has no avx512_bf16) takes ~15 integer ops. Both
+// round to nearest even; this one also flushes float32 denormals (below 1.2e-38) to zero. The
+// functions that use it carry the target themselves (loops, not lambdas: a lambda does not
+// inherit its function's target and could not inline these).
+#define MMFAST_BF16_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+MMFAST_BF16_TARGET inline __m512i to_bf16(const fVec& lo, const fVec& hi) {
+  return reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(hi, lo));  // hi's values go on top
+}
+
+// Values [0, n) of the pair (n <= kChunk) to p as bfloat16.
+MMFAST_BF16_TARGET inline void store_bf16(BF16* p, int64_t n, const fVec& lo, const fVec& hi) {
+  const __m512i v = to_bf16(lo, hi);
+  if (n == kChunk) {
+    _mm512_storeu_si512(p, v);
+  } else {
+    _mm512_mask_storeu_epi16(p, static_cast<__mmask32>((uint64_t(1) << n) - 1), v);
+  }
+}
+
 // The float pair rounded to bfloat16 and widened back: the value a bfloat16 tensor would hold.
-inline void round_bf16(fVec& lo, fVec& hi) {
-  std::tie(lo, hi) = at::vec::convert_to_float<BF16>(at::vec::convert_from_float<BF16>(lo, hi));
+MMFAST_BF16_TARGET inline void round_bf16(fVec& lo, fVec& hi) {
+  const __m512i v = to_bf16(lo, hi);
+  const auto widen = [](__m256i half) {  // bfloat16 bits are a float's upper 16 bits
+    return fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)));
+  };
+  lo = widen(_mm512_castsi512_si256(v));
+  hi = widen(_mm512_extracti64x4_epi64(v, 1));
 }
 
 // A tile of float32 rows (stride kPackCols) -> bfloat16 rows of dst, transposed:
 // dst[c * ld + i] = tile[i][c]. Through a float32 transpose in cache (t: kPackCols x kGemmRows).
-void store_transposed(const float* tile, int64_t rows, int64_t cols, BF16* dst, int64_t ld,
-                      float* t) {
+MMFAST_BF16_TARGET void store_transposed(const float* tile, int64_t rows, int64_t cols,
+                                         BF16* dst, int64_t ld, float* t) {
   transpose32(tile, kPackCols, t, kGemmRows, rows, cols);
   for (int64_t c = 0; c < cols; ++c) {
     const float* src = t + c * kGemmRows;
     BF16* out = dst + c * ld;
-    for_each_chunk(rows, [&](int64_t i, int64_t n) {
+    for (int64_t i = 0; i < rows; i += kChunk) {
+      const int64_t n = std::min(kChunk, rows - i);
       fVec lo, hi;
       load2(src + i, n, lo, hi);
-      store2(out + i, n, lo, hi);
-    });
+      store_bf16(out + i, n, lo, hi);
+    }
   }
 }
 
@@ -89,37 +111,41 @@ inline void load_biased(const PackedGemm& g, const Tile& t, const float* acc, in
   }
 }
 
-void store_rows(const PackedGemm& g, const Tile& t, const float* acc) {
+MMFAST_BF16_TARGET void store_rows(const PackedGemm& g, const Tile& t, const float* acc) {
   for (int64_t i = 0; i < t.rows; ++i) {
     const int64_t row = g.out_rows != nullptr ? g.out_rows[t.m0 + i] : t.m0 + i;
     BF16* dst = g.out + row * g.ldo + t.n0;
-    for_each_chunk(t.cols, [&](int64_t c, int64_t n) {
+    for (int64_t c = 0; c < t.cols; c += kChunk) {
+      const int64_t n = std::min(kChunk, t.cols - c);
       fVec lo, hi;
       load_biased(g, t, acc, i, c, n, lo, hi);
-      store2(dst + c, n, lo, hi);
-    });
+      store_bf16(dst + c, n, lo, hi);
+    }
   }
 }
 
-void bias_gelu_rows(const PackedGemm& g, const Tile& t, const float* acc) {
+MMFAST_BF16_TARGET void bias_gelu_rows(const PackedGemm& g, const Tile& t, const float* acc) {
   for (int64_t i = 0; i < t.rows; ++i) {
     BF16* act = g.out + (t.m0 + i) * g.ldo + t.n0;
     BF16* pre = g.out2 == nullptr ? nullptr : g.out2 + (t.m0 + i) * g.ldo2 + t.n0;
-    for_each_chunk(t.cols, [&](int64_t c, int64_t n) {
+    for (int64_t c = 0; c < t.cols; c += kChunk) {
+      const int64_t n = std::min(kChunk, t.cols - c);
       fVec lo, hi;
       load_biased(g, t, acc, i, c, n, lo, hi);
       round_bf16(lo, hi);
-      if (pre != nullptr) store2(pre + c, n, lo, hi);
-      store2(act + c, n, gelu(lo, g.tanh_form), gelu(hi, g.tanh_form));
-    });
+      if (pre != nullptr) store_bf16(pre + c, n, lo, hi);
+      store_bf16(act + c, n, gelu(lo, g.tanh_form), gelu(hi, g.tanh_form));
+    }
   }
 }
 
 // acc becomes the gradient tile and act the activation tile (both float32, stride kPackCols).
-void gelu_grad_rows(const PackedGemm& g, const Tile& t, float* acc, float* act) {
+MMFAST_BF16_TARGET void gelu_grad_rows(const PackedGemm& g, const Tile& t, float* acc,
+                                       float* act) {
   // The tile's rows of h (128 bytes each, a row of h apart) miss every cache (their loads
   // cost ~5% of this GEMM in a timing script); fetched kPrefetchRows ahead, their latency
-  // overlaps the work.
+  // overlaps the work. (Fetched earlier, while the tile's last pass over K ran, they made
+  // SigLIP's training step 0.6-1.5% slower in A/B timings.)
   constexpr int64_t kPrefetchRows = 8;
   const auto prefetch_h = [&](int64_t i) {
     prefetch_span(g.h + (t.m0 + i) * g.ldh + t.n0, t.cols * sizeof(BF16));
@@ -131,7 +157,8 @@ void gelu_grad_rows(const PackedGemm& g, const Tile& t, float* acc, float* act) 
     const BF16* h = g.h + (t.m0 + i) * g.ldh + t.n0;
     float* d = acc + i * kPackCols;
     float* a = act + i * kPackCols;
-    for_each_chunk(t.cols, [&](int64_t c, int64_t n) {
+    for (int64_t c = 0; c < t.cols; c += kChunk) {
+      const int64_t n = std::min(kChunk, t.cols - c);
       fVec g0, g1, h0, h1, a0, a1, d0, d1;
       load2(d + c, n, g0, g1);
       round_bf16(g0, g1);  // the bfloat16 grad of the activation, as an unfused backward has it
@@ -143,7 +170,7 @@ void gelu_grad_rows(const PackedGemm& g, const Tile& t, float* acc, float* act) 
       store2(d + c, n, g0, g1);
       if (g.out2 != nullptr) store2(a + c, n, a0, a1);
       if (g.bias_grad != nullptr) accumulate2(colsum + c, n, g0, g1);
-    });
+    }
   }
   if (g.bias_grad != nullptr) {
     float* dst = g.bias_grad + t.mblock * g.n + t.n0;
@@ -172,20 +199,41 @@ void pack_block_from_nk(const BF16* src, int64_t ld, int64_t k, int64_t k2, int6
   }
 }
 
+// Word 2j of the interleave takes element j of the first row, word 2j + 1 element j of the
+// second (vpermt2w: indices >= 32 pick from the second operand).
+struct PairInterleave {
+  __m512i lo_perm, hi_perm;
+  PairInterleave() {
+    alignas(64) uint16_t lo_idx[32], hi_idx[32];
+    for (int j = 0; j < 16; ++j) {
+      lo_idx[2 * j] = j;
+      lo_idx[2 * j + 1] = 32 + j;
+      hi_idx[2 * j] = 16 + j;
+      hi_idx[2 * j + 1] = 48 + j;
+    }
+    lo_perm = _mm512_load_si512(lo_idx);
+    hi_perm = _mm512_load_si512(hi_idx);
+  }
+  // d[2 j + e] = (e ? second : first)[j] for j < cols, zeros for cols <= j < kPackCols and
+  // for a null second row.
+  void operator()(const BF16* first, const BF16* second, int64_t cols, BF16* d) const {
+    for (int64_t j0 = 0; j0 < kPackCols; j0 += 32) {
+      const int64_t len = std::clamp<int64_t>(cols - j0, 0, 32);
+      const __mmask32 mask = len == 32 ? ~__mmask32(0) : (__mmask32(1) << len) - 1;
+      const __m512i a = _mm512_maskz_loadu_epi16(mask, first + j0);
+      const __m512i b =
+          second != nullptr ? _mm512_maskz_loadu_epi16(mask, second + j0) : _mm512_setzero_si512();
+      _mm512_storeu_si512(d + 2 * j0, _mm512_permutex2var_epi16(a, lo_perm, b));
+      _mm512_storeu_si512(d + 2 * j0 + 32, _mm512_permutex2var_epi16(a, hi_perm, b));
+    }
+  }
+};
+
 // Columns [n0, n0 + cols) of B from its rows: row r at src + (rows ? rows[r] : r) * ld, r < k.
 void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_t k, int64_t k2,
                         int64_t n0, int64_t cols, BF16* packed) {
   const auto row = [&](int64_t r) { return src + (rows != nullptr ? rows[r] : r) * ld + n0; };
-  // Word 2j of the interleave takes element j of the first row, word 2j + 1 element j of the
-  // second (vpermt2w: indices >= 32 pick from the second operand).
-  alignas(64) uint16_t lo_idx[32], hi_idx[32];
-  for (int j = 0; j < 16; ++j) {
-    lo_idx[2 * j] = j;
-    lo_idx[2 * j + 1] = 32 + j;
-    hi_idx[2 * j] = 16 + j;
-    hi_idx[2 * j + 1] = 48 + j;
-  }
-  const __m512i lo_perm = _mm512_load_si512(lo_idx), hi_perm = _mm512_load_si512(hi_idx);
+  const PairInterleave interleave;
   // The rows are a row of B apart (10 KiB for a 13B weight), which the hardware prefetcher
   // does not follow: the loads below took ~40% of this function's samples in a profile of
   // LLaVA-1.5-13B's training step. Fetched kPrefetchPairs pairs ahead, their latency overlaps.
@@ -198,18 +246,8 @@ void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_
   for (int64_t r = 0; r < std::min(kPrefetchPairs, k2); ++r) prefetch_pair(r);
   for (int64_t r = 0; r < k2; ++r) {
     if (r + kPrefetchPairs < k2) prefetch_pair(r + kPrefetchPairs);
-    const BF16* first = row(2 * r);
-    const BF16* second = 2 * r + 1 < k ? row(2 * r + 1) : nullptr;
-    BF16* d = packed + r * 2 * kPackCols;
-    for (int64_t j0 = 0; j0 < kPackCols; j0 += 32) {
-      const int64_t len = std::clamp<int64_t>(cols - j0, 0, 32);
-      const __mmask32 mask = len == 32 ? ~__mmask32(0) : (__mmask32(1) << len) - 1;
-      const __m512i a = _mm512_maskz_loadu_epi16(mask, first + j0);
-      const __m512i b =
-          second != nullptr ? _mm512_maskz_loadu_epi16(mask, second + j0) : _mm512_setzero_si512();
-      _mm512_storeu_si512(d + 2 * j0, _mm512_permutex2var_epi16(a, lo_perm, b));
-      _mm512_storeu_si512(d + 2 * j0 + 32, _mm512_permutex2var_epi16(a, hi_perm, b));
-    }
+    interleave(row(2 * r), 2 * r + 1 < k ? row(2 * r + 1) : nullptr, cols,
+               packed + r * 2 * kPackCols);
   }
 }
 
@@ -219,7 +257,7 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
   const int64_t mblocks = ceil_div(g.m, kGemmRows), nblocks = ceil_div(g.n, kPackCols);
   const bool transposed =
       g.epilogue == GemmEpilogue::kStoreT || g.epilogue == GemmEpilogue::kGeluGradT;
-  std::vector<BF16> packed(g.k * kPackCols);
+  std::vector<BF16> packed(g.b_packed == nullptr ? g.k * kPackCols : 0);
   std::vector<float> acc(kGemmRows * kPackCols);
   std::vector<float> act(g.epilogue == GemmEpilogue::kGeluGradT ? kGemmRows * kPackCols : 0);
   std::vector<float> scratch(transposed ? kPackCols * kGemmRows : 0);
@@ -229,15 +267,16 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
   // was streamed from memory once per column block: the forward ran 4-7% slower (timing
   // script).
   const int64_t panel_tiles = std::max<int64_t>(1, kPanelBytes / (g.lda * 2 * kGemmRows));
-  const int64_t npanels = ceil_div(mblocks, panel_tiles);
+  const int64_t npanels = gemm_panels(g);
   for (int64_t item; (item = next->fetch_add(1)) < npanels * nblocks;) {
     const int64_t panel = item / nblocks, nb = item % nblocks;
     Tile t;
     t.n0 = nb * kPackCols;
     t.cols = std::min(kPackCols, g.n - t.n0);
-    if (g.b_nk) {
+    const BF16* block = g.b_packed != nullptr ? g.b_packed + nb * g.k * kPackCols : packed.data();
+    if (g.b_packed == nullptr && g.b_nk) {
       pack_block_from_nk(g.b, g.ldb, g.b_k, g.k / 2, t.n0, t.cols, packed.data());
-    } else {
+    } else if (g.b_packed == nullptr) {
       pack_block_from_kn(g.b, g.ldb, g.b_rows, g.b_k, g.k / 2, t.n0, t.cols, packed.data());
     }
     const int64_t mblock_end = std::min(mblocks, (panel + 1) * panel_tiles);
@@ -246,7 +285,7 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
       t.rows = std::min(kGemmRows, g.m - t.m0);
       for (int64_t k0 = 0; k0 < g.k; k0 += kDepth) {
         vnni_tile(t.rows, std::min(kDepth, g.k - k0) / 2, g.a + t.m0 * g.lda + k0, g.lda,
-                  packed.data() + k0 * kPackCols, acc.data(), k0 > 0);
+                  block + k0 * kPackCols, acc.data(), k0 > 0);
       }
       switch (g.epilogue) {
         case GemmEpilogue::kStore: store_rows(g, t, acc.data()); break;
@@ -271,10 +310,29 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
   }
 }
 
+void pack_b_rows_bf16(const BF16* b, int64_t ldb, int64_t b_k, int64_t k, int64_t n,
+                      int64_t pair_begin, int64_t pair_end, BF16* packed) {
+  const PairInterleave interleave;
+  const int64_t nblocks = ceil_div(n, kPackCols);
+  for (int64_t r = pair_begin; r < pair_end; ++r) {
+    const BF16* first = b + 2 * r * ldb;
+    const BF16* second = 2 * r + 1 < b_k ? first + ldb : nullptr;
+    for (int64_t nb = 0; nb < nblocks; ++nb) {
+      const int64_t n0 = nb * kPackCols;
+      interleave(first + n0, second != nullptr ? second + n0 : nullptr,
+                 std::min(kPackCols, n - n0), packed + nb * k * kPackCols + r * 2 * kPackCols);
+    }
+  }
+}
+
 #else
 
 void packed_gemm_bf16(const PackedGemm&, std::atomic<int64_t>*) {
   TORCH_INTERNAL_ASSERT(false, "packed_gemm_bf16 runs only in the AVX512 build");
+}
+
+void pack_b_rows_bf16(const BF16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, BF16*) {
+  TORCH_INTERNAL_ASSERT(false, "pack_b_rows_bf16 runs only in the AVX512 build");
 }
 
 #endif
