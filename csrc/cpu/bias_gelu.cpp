@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include "common/bias_gelu.h"
+#include "common/ceil_div.h"
 #include "cpu/vec/bias_gelu.h"
 
 namespace mmfast::cpu {
@@ -46,8 +47,8 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
   const int64_t rows = cols == 0 ? 0 : xc.numel() / cols;
   // The bias gradient is reduced per fixed block of rows, then the blocks are summed in order:
   // the same result whatever the thread count, and no atomics.
-  const int64_t block = std::max<int64_t>(row_grain(cols), (rows + 255) / 256);
-  const int64_t nblocks = (rows + block - 1) / block;
+  const int64_t block = std::max<int64_t>(row_grain(cols), ceil_div(rows, 256));
+  const int64_t nblocks = ceil_div(rows, block);
   auto partial = at::zeros({std::max<int64_t>(nblocks, 1), cols}, x.options().dtype(at::kFloat));
   const auto kernel = MMFAST_PICK_ISA(bias_gelu_backward_rows);
   float* partial_ptr = partial.mutable_data_ptr<float>();

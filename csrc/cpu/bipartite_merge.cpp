@@ -33,6 +33,7 @@
 #include <vector>
 
 #include "common/bipartite_merge.h"
+#include "common/ceil_div.h"
 #include "cpu/isa.h"
 #include "cpu/vec/token_merge.h"
 #include "cpu/vec/transpose.h"
@@ -60,13 +61,12 @@ double element_as_double(at::ScalarType dtype, const char* row, int64_t c) {
 int64_t balanced_block(int64_t bsz, int64_t rows, int64_t max_rows, int64_t multiple = 1) {
   const int64_t threads = at::get_num_threads();
   const auto block_for = [&](int64_t blocks) {
-    const int64_t block = (rows + blocks - 1) / blocks;
-    return std::min(rows, (block + multiple - 1) / multiple * multiple);
+    return std::min(rows, ceil_div(ceil_div(rows, blocks), multiple) * multiple);
   };
-  const int64_t fewest = (rows + max_rows - 1) / max_rows;
+  const int64_t fewest = ceil_div(rows, max_rows);
   for (int64_t blocks = fewest; blocks <= 2 * fewest && blocks <= rows; ++blocks) {
     const int64_t block = block_for(blocks);
-    if (bsz * ((rows + block - 1) / block) % threads == 0) return block;
+    if (bsz * ceil_div(rows, block) % threads == 0) return block;
   }
   return std::max<int64_t>(1, block_for(fewest));
 }
@@ -214,7 +214,7 @@ PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gem
   // A task: a block of up to 64 rows of one sample (B rows only with `gemm`).
   const int64_t rows = gemm ? nb : n;
   const int64_t block = balanced_block(bsz, rows, 64);
-  const int64_t blocks = (rows + block - 1) / block;
+  const int64_t blocks = ceil_div(rows, block);
   at::parallel_for(0, bsz * blocks, 1, [&](int64_t t0, int64_t t1) {
     for (int64_t task = t0; task < t1; ++task) {
       const int64_t b = task / blocks, r0 = (task % blocks) * block;
@@ -304,7 +304,7 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
     const float* step = int8 ? prep.step.const_data_ptr<float>() : nullptr;
     const int32_t* q_offset = int8 ? prep.q_offset.const_data_ptr<int32_t>() : nullptr;
     const int64_t tile_cols = balanced_block(bsz, na, kTileA, 16);
-    const int64_t tiles = (na + tile_cols - 1) / tile_cols;
+    const int64_t tiles = ceil_div(na, tile_cols);
     const auto dot = MMFAST_PICK_ISA(row_dot);
     const auto bf16_dot = MMFAST_PICK_ISA(bf16_row_dot);
     const auto scan_int = MMFAST_PICK_ISA(scan_int_rows);

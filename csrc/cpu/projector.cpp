@@ -173,9 +173,6 @@ PackedGemm gemm_over(const Tensor& a, const Tensor& b, bool b_nk, GemmEpilogue e
   return g;
 }
 
-// Elements of g's B packed whole (g.b_packed).
-int64_t packed_b_numel(const PackedGemm& g) { return ceil_div(g.n, kPackCols) * kPackCols * g.k; }
-
 // Packs g's B (given as rows, no row map) once for all of g's panels into `buffer` (bfloat16, at
 // least packed_b_numel(g) elements, outliving the GEMM), which g then reads.
 void pack_b_once(PackedGemm& g, Tensor& buffer) {
@@ -360,8 +357,8 @@ std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Ten
     // The bias gradient is reduced per fixed block of rows, then the blocks are summed in
     // order: the same result whatever the thread count, and no atomics. At most 64 blocks:
     // enough tasks for the threads, and float32 partials of at most 64 rows.
-    const int64_t block = std::max<int64_t>(row_grain(cols), (rows + 63) / 64);
-    const int64_t nblocks = (rows + block - 1) / block;
+    const int64_t block = std::max<int64_t>(row_grain(cols), ceil_div(rows, 64));
+    const int64_t nblocks = ceil_div(rows, block);
     Tensor partial = mask[2] ? at::zeros({std::max<int64_t>(nblocks, 1), cols},
                                          h2.options().dtype(at::kFloat))
                              : Tensor();

@@ -266,7 +266,7 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next) {
   // comes from memory once. Without panels an A larger than L3 (LLaVA's 8 images: 4608 x 4096)
   // was streamed from memory once per column block: the forward ran 4-7% slower (timing
   // script).
-  const int64_t panel_tiles = std::max<int64_t>(1, kPanelBytes / (g.lda * 2 * kGemmRows));
+  const int64_t panel_tiles = gemm_panel_tiles(g);
   const int64_t npanels = gemm_panels(g);
   for (int64_t item; (item = next->fetch_add(1)) < npanels * nblocks;) {
     const int64_t panel = item / nblocks, nb = item % nblocks;

@@ -69,10 +69,19 @@ struct PackedGemm {
   const c10::BFloat16* b_packed = nullptr;
 };
 
+// Tiles of kGemmRows rows per panel of A (<= kPanelBytes, at least one tile).
+inline int64_t gemm_panel_tiles(const PackedGemm& g) {
+  return std::max<int64_t>(1, kPanelBytes / (g.lda * 2 * kGemmRows));
+}
+
 // Panels of A rows the GEMM walks (packed_gemm_bf16); each packs every block of B once.
 inline int64_t gemm_panels(const PackedGemm& g) {
-  const int64_t panel_tiles = std::max<int64_t>(1, kPanelBytes / (g.lda * 2 * kGemmRows));
-  return ceil_div(ceil_div(g.m, kGemmRows), panel_tiles);
+  return ceil_div(ceil_div(g.m, kGemmRows), gemm_panel_tiles(g));
+}
+
+// Elements of B packed whole for g (the b_packed layout).
+inline int64_t packed_b_numel(const PackedGemm& g) {
+  return ceil_div(g.n, kPackCols) * kPackCols * g.k;
 }
 
 }  // namespace mmfast::cpu
