@@ -45,6 +45,7 @@
 #include "cpu/isa.h"
 #include "cpu/vec/bias_gelu.h"
 #include "cpu/vec/packed_gemm.h"
+#include "cpu/vec/transpose.h"
 
 namespace mmfast::cpu {
 
@@ -74,16 +75,15 @@ Tensor contiguous_bias(const std::optional<Tensor>& b) {
 // torch.compile's CPU linear fusions), or an undefined tensor where it does not apply. In
 // float32, ATen's mm calls MKL's sgemm, which on this CPU (Zen 4) runs 9-12% below oneDNN at
 // the projector's forward GEMMs and the backward's g w2 (measured side by side: 192 vs 214,
-// 177 vs 196, 191 vs 208 GFLOP/s); the weight-gradient GEMMs (a transposed A) are faster in
-// MKL and stay there. bfloat16 and float16 GEMMs already go to oneDNN through ATen.
-Tensor onednn_linear(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
-  if (input.scalar_type() != at::kFloat || input.size(0) == 0 || input.size(1) == 0 ||
-      weight.size(0) == 0) {
-    return Tensor();
-  }
-  using Signature = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                           c10::string_view, c10::List<std::optional<c10::Scalar>>,
-                           std::optional<c10::string_view>);
+// 177 vs 196, 191 vs 208 GFLOP/s), and so do the backward's weight-gradient GEMMs when given
+// K-contiguous operands (backward_rows_onednn). bfloat16 and float16 GEMMs already go to
+// oneDNN through ATen.
+using OnednnLinear = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                            c10::string_view, c10::List<std::optional<c10::Scalar>>,
+                            std::optional<c10::string_view>);
+
+// oneDNN's linear op, when this torch build has it (warns once when it does not).
+const std::optional<c10::TypedOperatorHandle<OnednnLinear>>& onednn_linear_op() {
   static const auto op = [] {
     const auto handle = at::hasMKLDNN()
                             ? c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""})
@@ -91,15 +91,47 @@ Tensor onednn_linear(const Tensor& input, const Tensor& weight, const std::optio
     if (!handle.has_value()) {
       TORCH_WARN_ONCE("mmfast projector: this torch build has no oneDNN linear "
                       "(mkldnn::_linear_pointwise); float32 GEMMs go through at::mm instead");
-      return std::optional<c10::TypedOperatorHandle<Signature>>();
+      return std::optional<c10::TypedOperatorHandle<OnednnLinear>>();
     }
-    return std::optional<c10::TypedOperatorHandle<Signature>>(handle->typed<Signature>());
+    return std::optional<c10::TypedOperatorHandle<OnednnLinear>>(handle->typed<OnednnLinear>());
   }();
+  return op;
+}
+
+Tensor onednn_linear(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
+  if (input.scalar_type() != at::kFloat || input.size(0) == 0 || input.size(1) == 0 ||
+      weight.size(0) == 0) {
+    return Tensor();
+  }
+  const auto& op = onednn_linear_op();
   if (!op.has_value()) return Tensor();
   const std::optional<Tensor> b =
       bias.has_value() && bias->defined() ? std::optional<Tensor>(*bias) : std::nullopt;
   return op->call(input, weight, b, "none", c10::List<std::optional<c10::Scalar>>(),
                   std::nullopt);
+}
+
+// m [R, C] float32 with unit column stride -> m^T [C, R], contiguous, written into the storage
+// of `into` when it is contiguous and large enough, else into a new buffer. By bands of 64
+// rows of m: each band writes 256 bytes of every row of m^T.
+Tensor transposed_float(const Tensor& m, const Tensor& into = Tensor()) {
+  const Tensor src = m.stride(1) == 1 ? m : m.contiguous();
+  const int64_t rows = src.size(0);
+  const int64_t cols = src.size(1);
+  Tensor dst = into.defined() && into.is_contiguous() && into.numel() >= rows * cols
+                   ? into.view(-1).narrow(0, 0, rows * cols).view({cols, rows})
+                   : at::empty({cols, rows}, src.options());
+  constexpr int64_t kBand = 64;
+  const auto kernel = MMFAST_PICK_ISA(transpose32);
+  const float* s = src.const_data_ptr<float>();
+  float* d = dst.mutable_data_ptr<float>();
+  at::parallel_for(0, ceil_div(rows, kBand), 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t r = b * kBand;
+      kernel(s + r * src.stride(0), src.stride(0), d + r, rows, std::min(kBand, rows - r), cols);
+    }
+  });
+  return dst;
 }
 
 Tensor defined_or_empty(const Tensor& t, const Tensor& like) {
@@ -329,6 +361,123 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
   return grads;
 }
 
+// Rows per block of the backward passes' bias reduction, a multiple of `multiple`. b1's
+// gradient is summed per fixed block of rows, then the blocks are summed in order: the same
+// result whatever the thread count, and no atomics. At most 64 blocks: enough tasks for the
+// threads, and float32 partials of at most 64 rows.
+int64_t bias_block_rows(int64_t rows, int64_t cols, int64_t multiple) {
+  const int64_t block = std::max<int64_t>(row_grain(cols), ceil_div(rows, 64));
+  return ceil_div(block, multiple) * multiple;
+}
+
+// [nblocks, H] float32 zeros for the blocks' bias partials, or undefined when b1 gets no
+// gradient.
+Tensor bias_partials(const Tensor& h2, int64_t nblocks, bool needed) {
+  return needed ? at::zeros({std::max<int64_t>(nblocks, 1), h2.size(1)},
+                            h2.options().dtype(at::kFloat))
+                : Tensor();
+}
+
+// From this many tokens the float32 backward transposes w2 for oneDNN's g w2 (below, oneDNN
+// reorders the strided w2 itself): transposing w2 costs the same at any token count, the
+// GEMM's gain grows with it. Measured (ms): SigLIP, 729 tokens, 4096^2 w2: transpose ~15,
+// GEMM 118 -> 115; LLaVA-1.5-13B, 4608 tokens, 5120^2: transpose ~27, GEMM 1218 -> 1144.
+constexpr int64_t kTransposeWeightMinRows = 2048;
+
+// Tiles of the float32 backward's transposing pass: 64 rows x 256 columns, 64 KiB per
+// operand (stays in L2), so that every row of act^T and grad_h^T gets 256 bytes per visit.
+constexpr int64_t kPassTileRows = 64;
+constexpr int64_t kPassTileCols = 256;
+
+// The float32 backward, GEMMs through oneDNN. Its matmul runs fastest when both operands are
+// K-contiguous (a linear's input and weight, both row-major); a strided operand it reorders
+// itself, more slowly than our own transposed copies. Measured side by side at the 13B shapes
+// (ms): g^T act 1155 from g^T and act^T against 1250 in MKL's mm (the unfused path's), 1276
+// in oneDNN from strided views; grad_h^T x 233 against MKL's 255. So the elementwise pass
+// writes act^T and grad_h^T, transposed through a tile in L2 rather than in passes of their
+// own, and g is transposed into the buffer of the raw g w2, free by then.
+// oneDNN sums the whole K in registers: its weight gradients' max error against float64 is
+// ~3x MKL's at K = 4608 tokens (~1e-6 of the largest value instead of ~3e-7).
+std::array<Tensor, 5> backward_rows_onednn(const Tensor& g, const Tensor& x2, const Tensor& h2,
+                                           const std::optional<Tensor>& w1, const Tensor& w2,
+                                           bool tanh_form, std::array<bool, 5> mask) {
+  const bool need_grad_h = mask[0] || mask[1] || mask[2];
+  const int64_t rows = h2.size(0);
+  const int64_t cols = h2.size(1);
+  std::array<Tensor, 5> grads;
+  // [N, H] = g w2, turned into grad_h in place by the pass, then free
+  Tensor raw = need_grad_h ? onednn_linear(g,
+                                           rows >= kTransposeWeightMinRows ? transposed_float(w2)
+                                                                           : w2.t(),
+                                           std::nullopt)
+                           : Tensor();
+  Tensor grad_h_t = need_grad_h ? at::empty({cols, rows}, h2.options()) : Tensor();  // [H, N]
+  Tensor act_t = mask[3] ? at::empty({cols, rows}, h2.options()) : Tensor();         // [H, N]
+  const int64_t block = bias_block_rows(rows, cols, kPassTileRows);
+  const int64_t nblocks = ceil_div(rows, block);
+  Tensor partial = bias_partials(h2, nblocks, mask[2]);
+  const auto kernel = MMFAST_PICK_ISA(gelu_recompute_backward_rows);
+  const auto transpose = MMFAST_PICK_ISA(transpose32);
+  const float* h = h2.const_data_ptr<float>();
+  float* grad = raw.defined() ? raw.mutable_data_ptr<float>() : nullptr;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<float> act_tile(act_t.defined() ? kPassTileRows * kPassTileCols : 0);
+    for (int64_t b = b0; b < b1; ++b) {
+      float* part = partial.defined() ? partial.mutable_data_ptr<float>() + b * cols : nullptr;
+      const int64_t end = std::min(rows, (b + 1) * block);
+      for (int64_t r0 = b * block; r0 < end; r0 += kPassTileRows) {
+        const int64_t nr = std::min(kPassTileRows, end - r0);
+        for (int64_t c0 = 0; c0 < cols; c0 += kPassTileCols) {
+          const int64_t nc = std::min(kPassTileCols, cols - c0);
+          for (int64_t i = 0; i < nr; ++i) {
+            const int64_t off = (r0 + i) * cols + c0;
+            kernel(at::kFloat, h + off, grad != nullptr ? grad + off : nullptr,
+                   act_t.defined() ? act_tile.data() + i * kPassTileCols : nullptr,
+                   part != nullptr ? part + c0 : nullptr, 0, 1, nc, tanh_form);
+          }
+          if (act_t.defined()) {
+            transpose(act_tile.data(), kPassTileCols,
+                      act_t.mutable_data_ptr<float>() + c0 * rows + r0, rows, nr, nc);
+          }
+          if (grad != nullptr) {
+            transpose(grad + r0 * cols + c0, cols,
+                      grad_h_t.mutable_data_ptr<float>() + c0 * rows + r0, rows, nr, nc);
+          }
+        }
+      }
+    }
+  });
+  if (mask[2]) grads[2] = partial.sum(0);
+  if (mask[4]) grads[4] = g.sum(0);
+  const auto first_layer_grads = [&] {
+    if (mask[1]) {
+      if (x2.is_contiguous()) grads[1] = onednn_linear(grad_h_t, x2.t(), std::nullopt);
+      if (!grads[1].defined()) grads[1] = at::mm(grad_h_t, x2);
+    }
+    if (mask[0]) grads[0] = at::mm(grad_h_t.t(), *w1);
+    grad_h_t.reset();
+  };
+  const auto w2_grad = [&] {
+    if (mask[3]) {
+      const Tensor g_t = transposed_float(g, raw);  // [Hout, N], in the raw g w2's buffer
+      raw.reset();
+      grads[3] = onednn_linear(g_t, act_t, std::nullopt);
+    }
+    raw.reset();
+    act_t.reset();
+  };
+  // The smaller of grad_h^T [H, N] and dw1 [H, Cin] is the one live next to dw2's operands
+  // and output.
+  if (rows > x2.size(1)) {
+    first_layer_grads();
+    w2_grad();
+  } else {
+    w2_grad();
+    first_layer_grads();
+  }
+  return grads;
+}
+
 // Gradients of the projector from g [N, Hout] (grad of its output rows), x2 [N, Cin] and the
 // saved pre-activation h2 [N, H]. mask: which of (x, w1, b1, w2, b2) to compute; the others
 // come back undefined and cost nothing.
@@ -349,19 +498,17 @@ std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Ten
   std::array<Tensor, 5> grads;
   const int64_t rows = h2.size(0);
   const int64_t cols = h2.size(1);
+  if (g.scalar_type() == at::kFloat && rows > 0 && cols > 0 && g.size(1) > 0 &&
+      onednn_linear_op().has_value()) {
+    return backward_rows_onednn(g, x2, h2, w1, w2, tanh_form, mask);
+  }
   Tensor act = mask[3] ? at::empty_like(h2) : Tensor();
   // [N, H] = g w2, turned into grad_h in place
-  Tensor grad_h = need_grad_h ? onednn_linear(g, w2.t(), std::nullopt) : Tensor();
-  if (need_grad_h && !grad_h.defined()) grad_h = at::mm(g, w2);
+  Tensor grad_h = need_grad_h ? at::mm(g, w2) : Tensor();
   if (mask[3] || need_grad_h) {
-    // The bias gradient is reduced per fixed block of rows, then the blocks are summed in
-    // order: the same result whatever the thread count, and no atomics. At most 64 blocks:
-    // enough tasks for the threads, and float32 partials of at most 64 rows.
-    const int64_t block = std::max<int64_t>(row_grain(cols), ceil_div(rows, 64));
+    const int64_t block = bias_block_rows(rows, cols, 1);
     const int64_t nblocks = ceil_div(rows, block);
-    Tensor partial = mask[2] ? at::zeros({std::max<int64_t>(nblocks, 1), cols},
-                                         h2.options().dtype(at::kFloat))
-                             : Tensor();
+    Tensor partial = bias_partials(h2, nblocks, mask[2]);
     const auto kernel = MMFAST_PICK_ISA(gelu_recompute_backward_rows);
     at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {

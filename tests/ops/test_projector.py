@@ -94,6 +94,24 @@ def test_bfloat16_packed_backward_over_panels(hidden):
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
 
 
+# (x, w1, b1, w2, b2) trained, and whether x is a column slice (its dw1 then goes through MKL).
+@pytest.mark.parametrize("trained,x_slice", [((False, True, True, True, True), False),
+                                             ((False, True, True, True, True), True),
+                                             ((True, False, False, True, False), False),
+                                             ((False, False, False, True, True), False),
+                                             ((True, True, False, False, False), True)])
+def test_float32_transposing_backward(trained, x_slice):
+    """float32 with oneDNN: the backward's pass writes act^T and grad_h^T through tiles of 64 x
+    256, so 2100 tokens (from 2048 w2 is transposed for g w2) end in a partial row tile and
+    hidden 300 in a partial column tile; b1's gradient is summed over blocks of rows."""
+    dt = torch.float32
+    x = torch.randn(2100, 43, dtype=dt)
+    x = x[:, 1:41] if x_slice else x[:, :40].contiguous()
+    w1, b1, w2, b2 = make_weights(40, 300, 77, device="cpu", dtype=dt, bias=True)
+    args = [t.requires_grad_(r) for t, r in zip((x, w1, b1, w2, b2), trained)]
+    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+
+
 # Every combination of frozen / trained inputs (x, w1, b1, w2, b2).
 @pytest.mark.parametrize("trained", [m for m in itertools.product((False, True), repeat=5) if any(m)])
 def test_frozen_inputs_get_no_gradient(trained):
