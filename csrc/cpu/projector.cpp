@@ -396,8 +396,9 @@ constexpr int64_t kPassTileCols = 256;
 // in oneDNN from strided views; grad_h^T x 233 against MKL's 255. So the elementwise pass
 // writes act^T and grad_h^T, transposed through a tile in L2 rather than in passes of their
 // own, and g is transposed into the buffer of the raw g w2, free by then.
-// oneDNN sums the whole K in registers: its weight gradients' max error against float64 is
-// ~3x MKL's at K = 4608 tokens (~1e-6 of the largest value instead of ~3e-7).
+// The price: oneDNN sums the whole K in registers, so the weight gradients' max error against
+// float64 (random inputs) is 2.6x MKL's at K = 4608 tokens (8.4e-7 of the largest value
+// against 3.2e-7) and 2x at 729.
 std::array<Tensor, 5> backward_rows_onednn(const Tensor& g, const Tensor& x2, const Tensor& h2,
                                            const std::optional<Tensor>& w1, const Tensor& w2,
                                            bool tanh_form, std::array<bool, 5> mask) {
