@@ -112,6 +112,20 @@ def test_float32_transposing_backward(trained, x_slice):
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
 
 
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_float32_transposing_backward_each_isa(isa):
+    """The float32 backward's transposes (transpose32) in the generic and AVX2 builds, forced by
+    MMFAST_CPU_ISA; the rest of the suite runs the best build this CPU has."""
+    tests = ["tests/ops/test_projector.py::test_float32_transposing_backward",
+             "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype0]"]
+    env = dict(os.environ, MMFAST_CPU_ISA=isa)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                         env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "6 passed" in out.stdout, out.stdout[-3000:]
+
+
 # Every combination of frozen / trained inputs (x, w1, b1, w2, b2).
 @pytest.mark.parametrize("trained", [m for m in itertools.product((False, True), repeat=5) if any(m)])
 def test_frozen_inputs_get_no_gradient(trained):
