@@ -461,7 +461,6 @@ std::array<Tensor, 5> backward_rows_onednn(const Tensor& g, const Tensor& x2, co
   const auto w2_grad = [&] {
     if (mask[3]) {
       const Tensor g_t = transposed_float(g, raw);  // [Hout, N], in the raw g w2's buffer
-      raw.reset();
       grads[3] = onednn_linear(g_t, act_t, std::nullopt);
     }
     raw.reset();
