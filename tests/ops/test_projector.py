@@ -94,20 +94,23 @@ def test_bfloat16_packed_backward_over_panels(hidden):
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
 
 
-# (x, w1, b1, w2, b2) trained, and whether x is a column slice (its dw1 then goes through MKL).
-@pytest.mark.parametrize("trained,x_slice", [((False, True, True, True, True), False),
-                                             ((False, True, True, True, True), True),
-                                             ((True, False, False, True, False), False),
-                                             ((False, False, False, True, True), False),
-                                             ((True, True, False, False, False), True)])
-def test_float32_transposing_backward(trained, x_slice):
+# (x, w1, b1, w2, b2) trained, and whether x and w2 are column slices (x's dw1 then goes
+# through MKL; w2's transposed copy reads rows with a stride).
+@pytest.mark.parametrize("trained,sliced", [((False, True, True, True, True), False),
+                                            ((False, True, True, True, True), True),
+                                            ((True, False, False, True, False), False),
+                                            ((False, False, False, True, True), False),
+                                            ((True, True, False, False, False), True)])
+def test_float32_transposing_backward(trained, sliced):
     """float32 with oneDNN: the backward's pass writes act^T and grad_h^T through tiles of 64 x
     256, so 2100 tokens (from 2048 w2 is transposed for g w2) end in a partial row tile and
     hidden 300 in a partial column tile; b1's gradient is summed over blocks of rows."""
     dt = torch.float32
     x = torch.randn(2100, 43, dtype=dt)
-    x = x[:, 1:41] if x_slice else x[:, :40].contiguous()
+    x = x[:, 1:41] if sliced else x[:, :40].contiguous()
     w1, b1, w2, b2 = make_weights(40, 300, 77, device="cpu", dtype=dt, bias=True)
+    if sliced:
+        w2 = torch.cat([torch.randn(77, 5, dtype=dt), w2], 1)[:, 5:]
     args = [t.requires_grad_(r) for t, r in zip((x, w1, b1, w2, b2), trained)]
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
 
