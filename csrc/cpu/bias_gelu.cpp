@@ -9,15 +9,12 @@
 
 #include "common/bias_gelu.h"
 #include "common/ceil_div.h"
+#include "cpu/row_blocks.h"
 #include "cpu/vec/bias_gelu.h"
 
 namespace mmfast::cpu {
 
 namespace {
-
-// Rows per task, so that one task touches ~64 KiB of x: small enough to spread over threads,
-// large enough that scheduling costs nothing.
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)); }
 
 at::Tensor bias_gelu_cpu(const at::Tensor& x, const at::Tensor& bias, c10::string_view approximate) {
   const bool tanh_form = check_bias_gelu_args(x, bias, approximate);
@@ -45,9 +42,7 @@ std::tuple<at::Tensor, at::Tensor> bias_gelu_backward_cpu(const at::Tensor& grad
   auto grad_x = at::empty_like(xc);
   const int64_t cols = x.size(-1);
   const int64_t rows = cols == 0 ? 0 : xc.numel() / cols;
-  // The bias gradient is reduced per fixed block of rows, then the blocks are summed in order:
-  // the same result whatever the thread count, and no atomics.
-  const int64_t block = std::max<int64_t>(row_grain(cols), ceil_div(rows, 256));
+  const int64_t block = bias_block_rows(rows, cols, 256);
   const int64_t nblocks = ceil_div(rows, block);
   auto partial = at::zeros({std::max<int64_t>(nblocks, 1), cols}, x.options().dtype(at::kFloat));
   const auto kernel = MMFAST_PICK_ISA(bias_gelu_backward_rows);

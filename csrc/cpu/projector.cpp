@@ -43,6 +43,7 @@
 
 #include "common/projector.h"
 #include "cpu/isa.h"
+#include "cpu/row_blocks.h"
 #include "cpu/vec/bias_gelu.h"
 #include "cpu/vec/packed_gemm.h"
 #include "cpu/vec/transpose.h"
@@ -52,9 +53,6 @@ namespace mmfast::cpu {
 namespace {
 
 using at::Tensor;
-
-// Rows per task of the elementwise passes: ~64 KiB of one operand per task.
-int64_t row_grain(int64_t cols) { return std::max<int64_t>(1, (1 << 14) / std::max<int64_t>(cols, 1)); }
 
 // Placeholder runs at least this long get their own GEMM straight into the output; shorter
 // runs are gathered and done together (a GEMM call costs tens of microseconds here).
@@ -361,14 +359,9 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
   return grads;
 }
 
-// Rows per block of the backward passes' bias reduction, a multiple of `multiple`. b1's
-// gradient is summed per fixed block of rows, then the blocks are summed in order: the same
-// result whatever the thread count, and no atomics. At most 64 blocks: enough tasks for the
-// threads, and float32 partials of at most 64 rows.
-int64_t bias_block_rows(int64_t rows, int64_t cols, int64_t multiple) {
-  const int64_t block = std::max<int64_t>(row_grain(cols), ceil_div(rows, 64));
-  return ceil_div(block, multiple) * multiple;
-}
+// Blocks of the backward passes' b1 reduction (bias_block_rows): at most 64, enough tasks for
+// the threads, and float32 partials of at most 64 rows.
+constexpr int64_t kBiasBlocks = 64;
 
 // [nblocks, H] float32 zeros for the blocks' bias partials, or undefined when b1 gets no
 // gradient.
@@ -414,7 +407,7 @@ std::array<Tensor, 5> backward_rows_onednn(const Tensor& g, const Tensor& x2, co
                            : Tensor();
   Tensor grad_h_t = need_grad_h ? at::empty({cols, rows}, h2.options()) : Tensor();  // [H, N]
   Tensor act_t = mask[3] ? at::empty({cols, rows}, h2.options()) : Tensor();         // [H, N]
-  const int64_t block = bias_block_rows(rows, cols, kPassTileRows);
+  const int64_t block = bias_block_rows(rows, cols, kBiasBlocks, kPassTileRows);
   const int64_t nblocks = ceil_div(rows, block);
   Tensor partial = bias_partials(h2, nblocks, mask[2]);
   const auto kernel = MMFAST_PICK_ISA(gelu_recompute_backward_rows);
@@ -506,7 +499,7 @@ std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Ten
   // [N, H] = g w2, turned into grad_h in place
   Tensor grad_h = need_grad_h ? at::mm(g, w2) : Tensor();
   if (mask[3] || need_grad_h) {
-    const int64_t block = bias_block_rows(rows, cols, 1);
+    const int64_t block = bias_block_rows(rows, cols, kBiasBlocks);
     const int64_t nblocks = ceil_div(rows, block);
     Tensor partial = bias_partials(h2, nblocks, mask[2]);
     const auto kernel = MMFAST_PICK_ISA(gelu_recompute_backward_rows);
