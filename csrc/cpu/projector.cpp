@@ -159,11 +159,21 @@ bool use_packed_gemm(const Tensor& x, std::initializer_list<int64_t> sizes) {
          std::all_of(sizes.begin(), sizes.end(), [](int64_t s) { return s > 0; });
 }
 
-void run_packed_gemm(const PackedGemm& g) {
-  if (g.m == 0 || g.n == 0) return;
-  std::atomic<int64_t> next{0};
+// first, then second, in one parallel region: a thread out of first's work items goes on to
+// second's, so the threads wait for each other only at the end of second. The two must be
+// independent (neither reads what the other writes).
+void run_packed_gemms(const PackedGemm& first, const PackedGemm& second) {
+  std::atomic<int64_t> next_first{0}, next_second{0};
   const auto kernel = MMFAST_PICK_ISA(packed_gemm_bf16);
-  at::parallel_for(0, at::get_num_threads(), 1, [&](int64_t, int64_t) { kernel(g, &next); });
+  const int64_t threads = at::get_num_threads();
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    if (first.m > 0 && first.n > 0) kernel(first, &next_first, threads);
+    if (second.m > 0 && second.n > 0) kernel(second, &next_second, threads);
+  });
+}
+
+void run_packed_gemm(const PackedGemm& g) {
+  if (g.m > 0 && g.n > 0) run_packed_gemms(g, PackedGemm());
 }
 
 Tensor unit_stride(const Tensor& t) { return t.stride(1) == 1 ? t : t.contiguous(); }
@@ -223,10 +233,13 @@ constexpr int64_t kActPanelBytes = int64_t(8) << 20;
 
 // The forward through packed_gemm: out2[rows[k] (or k), :] = b2 + gelu(x2[k] w1^T + b1) w2^T
 // for x2 [N, Cin]; returns h [N, H] (when keep_h). It runs by panels of rows: a panel's
-// activation (<= kActPanelBytes, one buffer for all panels) is still in L3 when the second
-// GEMM reads it, rather than an [N, H] tensor written to memory, faulted in page by page, and
-// read back. Both GEMMs walk A in panels anyway (packed_gemm.h), so w1 and w2 are read as
-// often as before.
+// activation (<= kActPanelBytes) is still in L3 when the second GEMM reads it, rather than an
+// [N, H] tensor written to memory, faulted in page by page, and read back. Both GEMMs walk A
+// in panels anyway (packed_gemm.h), so w1 and w2 are read as often as before.
+// With several panels, the first GEMM of panel p + 1 runs in the parallel region of the
+// second GEMM of panel p, into the other of two activation buffers: the threads then wait for
+// each other once per panel, at the end of the short first-GEMM work items, instead of also
+// after the second GEMM's long ones (LLaVA-1.5-13B: 2.1 ms each, against 0.4 ms).
 Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Tensor>& b1,
                       const Tensor& w2, const std::optional<Tensor>& b2, bool tanh_form,
                       bool keep_h, Tensor& out2, const int64_t* out_rows) {
@@ -238,23 +251,39 @@ Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Te
   const int64_t ld_act = hid + hid % 2;
   const int64_t panel_rows =
       std::max<int64_t>(1, kActPanelBytes / (ld_act * 2 * kGemmRows)) * kGemmRows;
-  auto act = even_k_buffer(std::min(panel_rows, m), hid, x2);
-  for (int64_t r0 = 0; r0 < m; r0 += panel_rows) {
-    const int64_t rows = std::min(panel_rows, m - r0);
-    auto first = gemm_over(a.narrow(0, r0, rows), w1u, true, GemmEpilogue::kBiasGelu);
-    first.bias = bias1.defined() ? bias1.const_data_ptr<BF16>() : nullptr;
-    first.out = act.mutable_data_ptr<BF16>();
-    first.ldo = ld_act;
-    first.out2 = keep_h ? h.mutable_data_ptr<BF16>() + r0 * hid : nullptr;
-    first.ldo2 = hid;
-    first.tanh_form = tanh_form;
-    run_packed_gemm(first);
-    auto second = gemm_over(act.narrow(0, 0, rows).narrow(1, 0, hid), w2u, true, GemmEpilogue::kStore);
-    second.bias = bias2.defined() ? bias2.const_data_ptr<BF16>() : nullptr;
-    second.out = out2.mutable_data_ptr<BF16>() + (out_rows != nullptr ? 0 : r0 * out2.stride(0));
-    second.ldo = out2.stride(0);
-    second.out_rows = out_rows != nullptr ? out_rows + r0 : nullptr;
-    run_packed_gemm(second);
+  const int64_t npanels = ceil_div(m, panel_rows);
+  const std::array<Tensor, 2> acts = {
+      even_k_buffer(std::min(panel_rows, m), hid, x2),
+      npanels > 1 ? even_k_buffer(panel_rows, hid, x2) : Tensor()};
+  const auto rows_of = [&](int64_t p) { return std::min(panel_rows, m - p * panel_rows); };
+  const auto first_gemm = [&](int64_t p) {  // act of panel p into acts[p % 2]
+    const int64_t r0 = p * panel_rows;
+    auto g = gemm_over(a.narrow(0, r0, rows_of(p)), w1u, true, GemmEpilogue::kBiasGelu);
+    g.bias = bias1.defined() ? bias1.const_data_ptr<BF16>() : nullptr;
+    g.out = acts[p % 2].mutable_data_ptr<BF16>();
+    g.ldo = ld_act;
+    g.out2 = keep_h ? h.mutable_data_ptr<BF16>() + r0 * hid : nullptr;
+    g.ldo2 = hid;
+    g.tanh_form = tanh_form;
+    return g;
+  };
+  const auto second_gemm = [&](int64_t p) {  // out rows of panel p from acts[p % 2]
+    const int64_t r0 = p * panel_rows;
+    auto g = gemm_over(acts[p % 2].narrow(0, 0, rows_of(p)).narrow(1, 0, hid), w2u, true,
+                       GemmEpilogue::kStore);
+    g.bias = bias2.defined() ? bias2.const_data_ptr<BF16>() : nullptr;
+    g.out = out2.mutable_data_ptr<BF16>() + (out_rows != nullptr ? 0 : r0 * out2.stride(0));
+    g.ldo = out2.stride(0);
+    g.out_rows = out_rows != nullptr ? out_rows + r0 : nullptr;
+    return g;
+  };
+  run_packed_gemm(first_gemm(0));
+  for (int64_t p = 0; p < npanels; ++p) {
+    if (p + 1 < npanels) {
+      run_packed_gemms(second_gemm(p), first_gemm(p + 1));
+    } else {
+      run_packed_gemm(second_gemm(p));
+    }
   }
   return h;
 }

@@ -94,6 +94,33 @@ def test_bfloat16_packed_backward_over_panels(hidden):
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
 
 
+@pytest.mark.parametrize("trained", [False, True])
+def test_bfloat16_packed_forward_over_panels(trained):
+    """bfloat16 forward by panels of rows (on CPUs with avx512_bf16): hidden 2050 gives panels of
+    1792 rows, so 4184 tokens make three (the first GEMM of each next panel runs alongside the
+    second GEMM of the one before, into the other activation buffer) and the last, 600 rows,
+    ends in three tiles of which the last blocks' work items take one at a time. The splice
+    writes the same rows through its row map; neither depends on the thread count."""
+    dt = torch.bfloat16
+    x = torch.randn(4184, 40, dtype=dt)
+    w1, b1, w2, b2 = make_weights(40, 2050, 130, device="cpu", dtype=dt, bias=True)
+    args = [t.requires_grad_(trained) for t in (x, w1, b1, w2, b2)]
+    compare_fwd_bwd(ops.projector, reference.projector, (*args, "tanh"), dt)
+    with torch.no_grad():
+        out = ops.projector(*args, "tanh")
+        mask = torch.zeros(3, 2000, dtype=torch.bool)
+        mask.view(-1)[torch.randperm(6000)[:4184]] = True
+        embeds = torch.randn(3, 2000, 130, dtype=dt)
+        spliced = ops.projector_splice(*args, embeds, mask, "tanh")
+        assert torch.equal(spliced[mask], out) and torch.equal(spliced[~mask], embeds[~mask])
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(ops.projector(*args, "tanh"), out)
+        finally:
+            torch.set_num_threads(threads)
+
+
 # (x, w1, b1, w2, b2) trained, and whether x and w2 are column slices (x's dw1 then goes
 # through MKL; w2's transposed copy reads rows with a stride).
 @pytest.mark.parametrize("trained,sliced", [((False, True, True, True, True), False),
