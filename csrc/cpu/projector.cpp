@@ -236,10 +236,13 @@ constexpr int64_t kActPanelBytes = int64_t(8) << 20;
 // activation (<= kActPanelBytes) is still in L3 when the second GEMM reads it, rather than an
 // [N, H] tensor written to memory, faulted in page by page, and read back. Both GEMMs walk A
 // in panels anyway (packed_gemm.h), so w1 and w2 are read as often as before.
-// With several panels, the first GEMM of panel p + 1 runs in the parallel region of the
-// second GEMM of panel p, into the other of two activation buffers: the threads then wait for
-// each other once per panel, at the end of the short first-GEMM work items, instead of also
-// after the second GEMM's long ones (LLaVA-1.5-13B: 2.1 ms each, against 0.4 ms).
+// Without h to keep (inference) and with several panels, the first GEMM of panel p + 1 runs in
+// the parallel region of the second GEMM of panel p, into the other of two activation
+// buffers: the threads then wait for each other once per panel, at the end of the short
+// first-GEMM work items, instead of also after the second GEMM's long ones (LLaVA-1.5-13B:
+// 2.1 ms each, against 0.4 ms; the forward ~1% faster in A/B timings). In training the second
+// buffer stayed resident through the backward and raised the 13B step's measured peak from
+// 238.5 to 246 MiB (eager: 233) for ~0.3% of the step's time, so there the panels take turns.
 Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Tensor>& b1,
                       const Tensor& w2, const std::optional<Tensor>& b2, bool tanh_form,
                       bool keep_h, Tensor& out2, const int64_t* out_rows) {
@@ -252,24 +255,25 @@ Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Te
   const int64_t panel_rows =
       std::max<int64_t>(1, kActPanelBytes / (ld_act * 2 * kGemmRows)) * kGemmRows;
   const int64_t npanels = ceil_div(m, panel_rows);
-  const std::array<Tensor, 2> acts = {
-      even_k_buffer(std::min(panel_rows, m), hid, x2),
-      npanels > 1 ? even_k_buffer(panel_rows, hid, x2) : Tensor()};
+  const bool overlap = !keep_h && npanels > 1;
+  const std::array<Tensor, 2> acts = {even_k_buffer(std::min(panel_rows, m), hid, x2),
+                                      overlap ? even_k_buffer(panel_rows, hid, x2) : Tensor()};
+  const auto buffer = [&](int64_t p) { return acts[overlap ? p % 2 : 0]; };
   const auto rows_of = [&](int64_t p) { return std::min(panel_rows, m - p * panel_rows); };
-  const auto first_gemm = [&](int64_t p) {  // act of panel p into acts[p % 2]
+  const auto first_gemm = [&](int64_t p) {  // act of panel p into its buffer
     const int64_t r0 = p * panel_rows;
     auto g = gemm_over(a.narrow(0, r0, rows_of(p)), w1u, true, GemmEpilogue::kBiasGelu);
     g.bias = bias1.defined() ? bias1.const_data_ptr<BF16>() : nullptr;
-    g.out = acts[p % 2].mutable_data_ptr<BF16>();
+    g.out = buffer(p).mutable_data_ptr<BF16>();
     g.ldo = ld_act;
     g.out2 = keep_h ? h.mutable_data_ptr<BF16>() + r0 * hid : nullptr;
     g.ldo2 = hid;
     g.tanh_form = tanh_form;
     return g;
   };
-  const auto second_gemm = [&](int64_t p) {  // out rows of panel p from acts[p % 2]
+  const auto second_gemm = [&](int64_t p) {  // out rows of panel p from its buffer
     const int64_t r0 = p * panel_rows;
-    auto g = gemm_over(acts[p % 2].narrow(0, 0, rows_of(p)).narrow(1, 0, hid), w2u, true,
+    auto g = gemm_over(buffer(p).narrow(0, 0, rows_of(p)).narrow(1, 0, hid), w2u, true,
                        GemmEpilogue::kStore);
     g.bias = bias2.defined() ? bias2.const_data_ptr<BF16>() : nullptr;
     g.out = out2.mutable_data_ptr<BF16>() + (out_rows != nullptr ? 0 : r0 * out2.stride(0));
@@ -279,10 +283,11 @@ Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Te
   };
   run_packed_gemm(first_gemm(0));
   for (int64_t p = 0; p < npanels; ++p) {
-    if (p + 1 < npanels) {
+    if (overlap && p + 1 < npanels) {
       run_packed_gemms(second_gemm(p), first_gemm(p + 1));
     } else {
       run_packed_gemm(second_gemm(p));
+      if (p + 1 < npanels) run_packed_gemm(first_gemm(p + 1));
     }
   }
   return h;

@@ -97,10 +97,11 @@ def test_bfloat16_packed_backward_over_panels(hidden):
 @pytest.mark.parametrize("trained", [False, True])
 def test_bfloat16_packed_forward_over_panels(trained):
     """bfloat16 forward by panels of rows (on CPUs with avx512_bf16): hidden 2050 gives panels of
-    1792 rows, so 4184 tokens make three (the first GEMM of each next panel runs alongside the
-    second GEMM of the one before, into the other activation buffer) and the last, 600 rows,
-    ends in three tiles of which the last blocks' work items take one at a time. The splice
-    writes the same rows through its row map; neither depends on the thread count."""
+    1792 rows, so 4184 tokens make three (without h to keep, the first GEMM of each next panel
+    runs alongside the second GEMM of the one before, into the other activation buffer) and
+    the last, 600 rows, ends in three tiles that the last blocks' work items take one at a
+    time. The splice writes the same rows through its row map; neither depends on the thread
+    count."""
     dt = torch.bfloat16
     x = torch.randn(4184, 40, dtype=dt)
     w1, b1, w2, b2 = make_weights(40, 2050, 130, device="cpu", dtype=dt, bias=True)
