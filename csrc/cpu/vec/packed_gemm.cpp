@@ -268,13 +268,13 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next, int64_t t
   // script).
   const int64_t panel_tiles = gemm_panel_tiles(g);
   const int64_t npanels = gemm_panels(g);
-  // The last few blocks of the last panel are split into one item per tile: the threads then
-  // finish within about a tile of each other rather than a whole block (a block of w2 over
-  // SigLIP's 729 tokens is 1.6 ms of work), at the price of packing those blocks once per
-  // tile.
+  // The last `threads` blocks of the last panel are split into one item per tile: the threads
+  // then finish within about a tile of each other rather than a whole block (a block of w2
+  // over SigLIP's 729 tokens is 1.6 ms of work), at the price of packing those blocks once per
+  // tile. libgomp's waiting fell from 1.3% to 0.6% of the 13B forward's samples (with the
+  // overlapped panels of forward_packed), the SigLIP forward gained ~0.4% in A/B timings.
   const int64_t last_tiles = mblocks - (npanels - 1) * panel_tiles;
-  const int64_t tail_blocks =
-      last_tiles > 1 ? std::min<int64_t>(nblocks, threads) : 0;
+  const int64_t tail_blocks = last_tiles > 1 ? std::min<int64_t>(nblocks, threads) : 0;
   const int64_t whole_items = npanels * nblocks - tail_blocks;
   const int64_t items = whole_items + tail_blocks * last_tiles;
   for (int64_t item; (item = next->fetch_add(1)) < items;) {

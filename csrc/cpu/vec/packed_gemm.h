@@ -86,12 +86,12 @@ inline int64_t packed_b_numel(const PackedGemm& g) {
 
 }  // namespace mmfast::cpu
 
-// Every thread of a parallel region calls this (`threads` of them). A thread takes a work item
-// (a panel of A's rows and a 64-column block of B; the last `threads` blocks one tile of the
-// panel at a time) from the shared counter `next`, packs the block into the
-// VNNI layout vnni_tile reads (K/2 rows of 64 pairs, K x 128 bytes, which then stays in its L2)
-// and computes the block's tiles in the panel, until no item is left. Packing inside the GEMM
-// saves a pass over B through memory. Implemented in the AVX512 build only (the others assert).
+// Every one of the `threads` threads of a parallel region calls this. A thread takes a work
+// item (a panel of A's rows and a 64-column block of B; in the last panel, the last `threads`
+// blocks go one tile at a time) from the shared counter `next`, packs the block into the VNNI
+// layout vnni_tile reads (K/2 rows of 64 pairs, K x 128 bytes, which then stays in its L2) and
+// computes the item's tiles, until no item is left. Packing inside the GEMM saves a pass over
+// B through memory. Implemented in the AVX512 build only (the others assert).
 MMFAST_DECLARE_ISA_KERNEL(
     void packed_gemm_bf16(const ::mmfast::cpu::PackedGemm& g, std::atomic<int64_t>* next,
                           int64_t threads))
