@@ -242,7 +242,8 @@ constexpr int64_t kActPanelBytes = int64_t(8) << 20;
 // first-GEMM work items, instead of also after the second GEMM's long ones (LLaVA-1.5-13B:
 // 2.1 ms each, against 0.4 ms; the forward ~1% faster in A/B timings). In training the second
 // buffer stayed resident through the backward and raised the 13B step's measured peak from
-// 238.5 to 246 MiB (eager: 233) for ~0.3% of the step's time, so there the panels take turns.
+// 238.5 to 246 MiB (eager: 233) for ~0.3% of the step's time, so there each GEMM has its own
+// parallel region, one after the other.
 Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Tensor>& b1,
                       const Tensor& w2, const std::optional<Tensor>& b2, bool tanh_form,
                       bool keep_h, Tensor& out2, const int64_t* out_rows) {
