@@ -335,6 +335,14 @@ std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
   return {out.view(lead), h.view(h_shape)};
 }
 
+// [nblocks, H] float32 zeros for the blocks' bias partials, or undefined when b1 gets no
+// gradient.
+Tensor bias_partials(const Tensor& h2, int64_t nblocks, bool needed) {
+  return needed ? at::zeros({std::max<int64_t>(nblocks, 1), h2.size(1)},
+                            h2.options().dtype(at::kFloat))
+                : Tensor();
+}
+
 // backward_rows through packed_gemm (bfloat16, grad_h needed).
 std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, const Tensor& h2,
                                            const std::optional<Tensor>& w1, const Tensor& w2,
@@ -345,8 +353,8 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
   // g w2 (tokens padded to even with a zero column, as packed_gemm wants).
   auto grad_t = even_k_buffer(hid, m, g);
   auto act_t = mask[3] ? even_k_buffer(hid, m, g) : Tensor();
-  Tensor partial = mask[2] ? at::zeros({ceil_div(m, kGemmRows), hid}, g.options().dtype(at::kFloat))
-                           : Tensor();
+  // one row of partials per kGemmRows-row tile (PackedGemm::bias_grad)
+  Tensor partial = bias_partials(h2, ceil_div(m, kGemmRows), mask[2]);
   if (mask[3]) grads[3] = at::empty({hout, hid}, g.options());
   {
     const auto a = even_k_operand(g);
@@ -397,14 +405,6 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
 // Blocks of the backward passes' b1 reduction (bias_block_rows): at most 64, enough tasks for
 // the threads, and float32 partials of at most 64 rows.
 constexpr int64_t kBiasBlocks = 64;
-
-// [nblocks, H] float32 zeros for the blocks' bias partials, or undefined when b1 gets no
-// gradient.
-Tensor bias_partials(const Tensor& h2, int64_t nblocks, bool needed) {
-  return needed ? at::zeros({std::max<int64_t>(nblocks, 1), h2.size(1)},
-                            h2.options().dtype(at::kFloat))
-                : Tensor();
-}
 
 // From this many tokens the float32 backward transposes w2 for oneDNN's g w2 (below, oneDNN
 // reorders the strided w2 itself): transposing w2 costs the same at any token count, the
