@@ -424,6 +424,7 @@ def machine_info(device: torch.device) -> dict:
     try:
         import mmfast
         info["mmfast_cpu_isa"] = mmfast.cpu_isa()
+        info["mmfast_cpu_bf16_gemm"] = mmfast.cpu_bf16_gemm()
     except ImportError:
         pass
     try:

@@ -16,6 +16,8 @@ namespace {
 
 std::string cpu_isa() { return mmfast::cpu::isa_name(mmfast::cpu::active_isa()); }
 
+std::string cpu_bf16_gemm() { return mmfast::cpu::bf16_gemm_path(); }
+
 bool has_cuda_kernels() {
 #ifdef MMFAST_WITH_CUDA
   return true;
@@ -27,8 +29,10 @@ bool has_cuda_kernels() {
 }  // namespace
 
 TORCH_LIBRARY(mmfast, m) {
-  // Build facts: which vectorized CPU build runs, whether CUDA C++ kernels were compiled.
+  // Build facts: which vectorized CPU build runs, what runs the projector's bfloat16 GEMMs on
+  // CPU, whether CUDA C++ kernels were compiled.
   m.def("_cpu_isa() -> str", &cpu_isa);
+  m.def("_cpu_bf16_gemm() -> str", &cpu_bf16_gemm);
   m.def("_has_cuda_kernels() -> bool", &has_cuda_kernels);
 
   m.def("bias_gelu(Tensor x, Tensor bias, str approximate=\"none\") -> Tensor");

@@ -20,5 +20,12 @@ def cpu_isa() -> str:
     return torch.ops.mmfast._cpu_isa()
 
 
-__all__ = ["ops", "reference", "backend", "last_choice", "cpu_isa"]
+def cpu_bf16_gemm() -> str:
+    """What runs the projector's bfloat16 GEMMs on CPU: mmfast's vdpbf16ps tiles (avx512_bf16
+    without AMX) or ATen (AMX-BF16 CPUs, where oneDNN's AMX GEMMs are faster; CPUs or builds
+    without avx512_bf16)."""
+    return torch.ops.mmfast._cpu_bf16_gemm()
+
+
+__all__ = ["ops", "reference", "backend", "last_choice", "cpu_isa", "cpu_bf16_gemm"]
 __version__ = "0.1.0"

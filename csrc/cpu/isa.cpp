@@ -1,5 +1,6 @@
 #include "cpu/isa.h"
 
+#include <ATen/cpu/Utils.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -44,16 +45,41 @@ Isa active_isa() {
   return isa;
 }
 
-bool bf16_dot_products() {
-  static const bool has = [] {
+namespace {
+
+enum class Bf16Gemm { kTiles, kAtenAmx, kAtenNoBf16 };
+
+Bf16Gemm bf16_gemm_choice() {
+  static const Bf16Gemm choice = [] {
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
-    return active_isa() == Isa::AVX512 && __builtin_cpu_supports("avx512bf16") != 0;
+    if (active_isa() != Isa::AVX512 || !__builtin_cpu_supports("avx512bf16")) {
+      return Bf16Gemm::kAtenNoBf16;
+    }
+    // cpuinfo's flags, as ATen reads them.
+    const auto caps = at::cpu::get_cpu_capabilities();
+    const auto amx = caps.find("amx_bf16");
+    if (amx != caps.end() && amx->second.isBool() && amx->second.toBool()) {
+      return Bf16Gemm::kAtenAmx;
+    }
+    return Bf16Gemm::kTiles;
 #else
-    return false;
+    return Bf16Gemm::kAtenNoBf16;
 #endif
   }();
-  return has;
+  return choice;
+}
+
+}  // namespace
+
+bool bf16_tile_gemm() { return bf16_gemm_choice() == Bf16Gemm::kTiles; }
+
+const char* bf16_gemm_path() {
+  switch (bf16_gemm_choice()) {
+    case Bf16Gemm::kTiles: return "vdpbf16ps tiles (avx512_bf16, no AMX)";
+    case Bf16Gemm::kAtenAmx: return "ATen (AMX-BF16)";
+    default: return "ATen (no avx512_bf16 in the active build)";
+  }
 }
 
 const char* isa_name(Isa isa) {

@@ -10,9 +10,14 @@ enum class Isa : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
 Isa active_isa();
 const char* isa_name(Isa isa);
 
-// Whether the CPU has AVX512's bfloat16 dot products (avx512_bf16), and the AVX512 build is
-// active: the condition for packed_gemm's bfloat16 tile kernel (vdpbf16ps).
-bool bf16_dot_products();
+// Whether bfloat16 GEMMs of the projector run on packed_gemm's tile kernel (vdpbf16ps): the
+// AVX512 build is active, the CPU has avx512_bf16 and has no AMX-BF16. Where the CPU has AMX
+// (Intel Xeon from Sapphire Rapids on), ATen's GEMMs run on its tile units through oneDNN,
+// several times faster than any vdpbf16ps loop, so the projector takes the ATen path there.
+bool bf16_tile_gemm();
+
+// Why bf16_tile_gemm() is true or false, in words (the benchmark table prints it).
+const char* bf16_gemm_path();
 
 // Picks the build of one kernel that matches active_isa().
 template <typename Fn>

@@ -152,10 +152,11 @@ Tensor bias_gelu_keep(Tensor& h, const std::optional<Tensor>& b1, bool tanh_form
 
 using BF16 = c10::BFloat16;
 
-// bfloat16 GEMMs through packed_gemm: on CPUs with avx512_bf16, where they run faster than
-// ATen's (packed_gemm.h), and for non-empty operands (a GEMM over K = 0 is left to ATen).
+// bfloat16 GEMMs through packed_gemm: on CPUs with avx512_bf16 and no AMX, where they run
+// faster than ATen's (packed_gemm.h; bf16_tile_gemm in isa.h), and for non-empty operands (a
+// GEMM over K = 0 is left to ATen).
 bool use_packed_gemm(const Tensor& x, std::initializer_list<int64_t> sizes) {
-  return x.scalar_type() == at::kBFloat16 && bf16_dot_products() &&
+  return x.scalar_type() == at::kBFloat16 && bf16_tile_gemm() &&
          std::all_of(sizes.begin(), sizes.end(), [](int64_t s) { return s > 0; });
 }
 

@@ -34,7 +34,7 @@ def test_odd_llava_sizes(dtype, n, approximate, bias):
 
 
 def test_bfloat16_gemm_tiling_edges():
-    """bfloat16 at the sizes the packed-GEMM path (CPUs with avx512_bf16) pads or cuts: odd Cin and
+    """bfloat16 at the sizes the packed-GEMM path (vdpbf16ps tiles) pads or cuts: odd Cin and
     token count (K padded with a zero column), 513 tokens (two full 256-row tiles and one row),
     4097 output columns (64-column blocks, the last one partial), and weights read with a row
     stride: w1 a slice (odd K, stride 1028), w2 a slice (even K, stride 132)."""
@@ -49,11 +49,26 @@ def test_bfloat16_gemm_tiling_edges():
         compare_fwd_bwd(ops.projector, reference.projector, (*args, approximate), dt)
 
 
+def test_cpu_bf16_gemm_follows_cpu_flags():
+    """The projector's bfloat16 GEMMs run on the vdpbf16ps tiles only in the AVX512 build on a
+    CPU with avx512_bf16 and without AMX-BF16; with AMX (oneDNN's tile units are faster) or
+    without avx512_bf16 they go through ATen."""
+    caps = torch.cpu.get_capabilities()
+    if mmfast.cpu_isa() != "avx512" or not caps.get("avx512_bf16", False):
+        expected = "ATen (no avx512_bf16 in the active build)"
+    elif caps.get("amx_bf16", False):
+        expected = "ATen (AMX-BF16)"
+    else:
+        expected = "vdpbf16ps tiles (avx512_bf16, no AMX)"
+    assert mmfast.cpu_bf16_gemm() == expected
+
+
 def test_bfloat16_without_packed_gemm():
-    """Capped at the AVX2 build (as on a CPU without avx512_bf16), bfloat16 GEMMs go through
-    ATen instead of the packed-GEMM path: projector and splice still match, forward and
-    backward."""
-    tests = ["tests/ops/test_projector.py::test_matches_reference_on_samples[dtype2]",
+    """Capped at the AVX2 build (as on a CPU without avx512_bf16; on one with AMX-BF16 the same
+    path runs), bfloat16 GEMMs go through ATen instead of the packed-GEMM path: projector and
+    splice still match, forward and backward."""
+    tests = ["tests/ops/test_projector.py::test_cpu_bf16_gemm_follows_cpu_flags",
+             "tests/ops/test_projector.py::test_matches_reference_on_samples[dtype2]",
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype2]",
              "tests/ops/test_projector.py::test_bfloat16_gemm_tiling_edges",
              "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype2]"]
@@ -71,7 +86,7 @@ def test_bfloat16_without_packed_gemm():
                                      (False, True, True, True, True),
                                      (True, True, True, True, True)])
 def test_bfloat16_packed_backward_gradients(trained):
-    """bfloat16 with enough tokens (391) for the packed backward on CPUs with avx512_bf16 (fewer
+    """bfloat16 with enough tokens (391) for the packed backward with the vdpbf16ps tiles (fewer
     go through ATen): the requested gradients match the reference, odd token count included.
     x is read in place by the tile kernel: an odd row stride (75) and a start 2 bytes off a
     4-byte boundary, so its bfloat16 pairs are unaligned."""
@@ -96,12 +111,12 @@ def test_bfloat16_packed_backward_over_panels(hidden):
 
 @pytest.mark.parametrize("trained", [False, True])
 def test_bfloat16_packed_forward_over_panels(trained):
-    """bfloat16 forward by panels of rows (on CPUs with avx512_bf16): hidden 2050 gives panels of
+    """bfloat16 forward by panels of rows (vdpbf16ps tiles): hidden 2050 gives panels of
     1792 rows, so 4184 tokens make three (without h to keep, the first GEMM of each next panel
     runs alongside the second GEMM of the one before, into the other activation buffer) and
     the last, 600 rows, ends in three tiles that the last blocks' work items take one at a
-    time. The splice writes the same rows through its row map; neither depends on the thread
-    count."""
+    time. The splice writes the same rows through its row map; with the tiles neither depends
+    on the thread count (ATen's GEMMs, on other CPUs, promise no such thing)."""
     dt = torch.bfloat16
     x = torch.randn(4184, 40, dtype=dt)
     w1, b1, w2, b2 = make_weights(40, 2050, 130, device="cpu", dtype=dt, bias=True)
@@ -114,12 +129,13 @@ def test_bfloat16_packed_forward_over_panels(trained):
         embeds = torch.randn(3, 2000, 130, dtype=dt)
         spliced = ops.projector_splice(*args, embeds, mask, "tanh")
         assert torch.equal(spliced[mask], out) and torch.equal(spliced[~mask], embeds[~mask])
-        threads = torch.get_num_threads()
-        try:
-            torch.set_num_threads(1)
-            assert torch.equal(ops.projector(*args, "tanh"), out)
-        finally:
-            torch.set_num_threads(threads)
+        if mmfast.cpu_bf16_gemm().startswith("vdpbf16ps"):
+            threads = torch.get_num_threads()
+            try:
+                torch.set_num_threads(1)
+                assert torch.equal(ops.projector(*args, "tanh"), out)
+            finally:
+                torch.set_num_threads(threads)
 
 
 # (x, w1, b1, w2, b2) trained, and whether x and w2 are column slices (x's dw1 then goes
