@@ -63,6 +63,12 @@ TORCH_LIBRARY(mmfast, m) {
   // inference holds one [N, hidden] buffer less.
   m.def("projector(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate=\"none\", bool keep_h=True) -> (Tensor, Tensor)");
   m.def("projector_backward(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, str approximate, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Inference with weights packed once (CPU, mmfast's bfloat16 tile GEMMs; used by
+  // mmfast.nn.Projector.prepack): a weight [N, K] packed as [ceil(N/64), ceil(K/2), 64, 2],
+  // then the forward from both packed copies (the weights they were made from are passed for
+  // the shape checks).
+  m.def("_projector_pack_weight(Tensor w) -> Tensor");
+  m.def("_projector_prepacked(Tensor x, Tensor w1, Tensor w1_packed, Tensor? b1, Tensor w2, Tensor w2_packed, Tensor? b2, str approximate=\"none\") -> Tensor");
   m.def("_projector_cuda(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate) -> (Tensor, Tensor)");
   m.def("_projector_backward_cuda(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, str approximate, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // projector_splice: embeds with the image_mask rows replaced, in order, by projector(x) rows;

@@ -245,9 +245,12 @@ constexpr int64_t kActPanelBytes = int64_t(8) << 20;
 // buffer stayed resident through the backward and raised the 13B step's measured peak from
 // 238.5 to 246 MiB (eager: 233) for ~0.3% of the step's time, so there each GEMM has its own
 // parallel region, one after the other.
+// w1_packed / w2_packed: the weights packed ahead (projector_pack_weight_cpu's layout), or
+// null: then every work item packs its column block of the weight itself, once per panel.
 Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Tensor>& b1,
                       const Tensor& w2, const std::optional<Tensor>& b2, bool tanh_form,
-                      bool keep_h, Tensor& out2, const int64_t* out_rows) {
+                      bool keep_h, Tensor& out2, const int64_t* out_rows,
+                      const BF16* w1_packed = nullptr, const BF16* w2_packed = nullptr) {
   const int64_t m = x2.size(0), hid = w1.size(0);
   const auto a = even_k_operand(x2);
   const auto w1u = unit_stride(w1), w2u = unit_stride(w2);
@@ -271,6 +274,7 @@ Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Te
     g.out2 = keep_h ? h.mutable_data_ptr<BF16>() + r0 * hid : nullptr;
     g.ldo2 = hid;
     g.tanh_form = tanh_form;
+    g.b_packed = w1_packed;
     return g;
   };
   const auto second_gemm = [&](int64_t p) {  // out rows of panel p from its buffer
@@ -281,6 +285,7 @@ Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Te
     g.out = out2.mutable_data_ptr<BF16>() + (out_rows != nullptr ? 0 : r0 * out2.stride(0));
     g.ldo = out2.stride(0);
     g.out_rows = out_rows != nullptr ? out_rows + r0 : nullptr;
+    g.b_packed = w2_packed;
     return g;
   };
   run_packed_gemm(first_gemm(0));
@@ -334,6 +339,72 @@ std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
   auto h_shape = x.sizes().vec();
   h_shape.back() = w1.size(0);
   return {out.view(lead), h.view(h_shape)};
+}
+
+// Weights packed once for the tile GEMMs (inference): w [N, K] as packed_gemm's b_packed,
+// [ceil(N / 64), ceil(K / 2), 64, 2] with packed[b, p, j, e] = w[64 b + j, 2 p + e] (zeros
+// past N and K).
+std::vector<int64_t> packed_weight_shape(const Tensor& w) {
+  return {ceil_div(w.size(0), kPackCols), ceil_div(w.size(1), int64_t(2)), kPackCols, 2};
+}
+
+void check_tile_gemm(const char* op) {
+  TORCH_CHECK_NOT_IMPLEMENTED(bf16_tile_gemm(), op, ": packed weights are for mmfast's ",
+                              "vdpbf16ps tile GEMMs, which do not run here (bfloat16 GEMMs: ",
+                              bf16_gemm_path(), ")");
+}
+
+Tensor projector_pack_weight_cpu(const Tensor& w) {
+  TORCH_CHECK_VALUE(w.dim() == 2, "projector_pack_weight: w must be 2-D [out_features, ",
+                    "in_features], got shape ", w.sizes());
+  TORCH_CHECK_VALUE(w.scalar_type() == at::kBFloat16,
+                    "projector_pack_weight: w must be bfloat16, got ", w.scalar_type());
+  check_tile_gemm("projector_pack_weight");
+  auto packed = at::empty(packed_weight_shape(w), w.options());
+  if (packed.numel() == 0) return packed;
+  const auto wu = unit_stride(w);
+  const int64_t k = packed.size(1) * 2;
+  const auto kernel = MMFAST_PICK_ISA(pack_b_nk_bf16);
+  at::parallel_for(0, packed.size(0), 1, [&](int64_t b0, int64_t b1) {
+    kernel(wu.const_data_ptr<BF16>(), wu.stride(0), w.size(1), k, w.size(0), b0, b1,
+           packed.mutable_data_ptr<BF16>());
+  });
+  return packed;
+}
+
+void check_packed_weight(const char* name, const Tensor& packed, const Tensor& w) {
+  const auto expected = packed_weight_shape(w);
+  TORCH_CHECK_VALUE(packed.scalar_type() == at::kBFloat16 && packed.sizes() == expected &&
+                        packed.is_contiguous() && packed.device() == w.device(),
+                    "projector_prepacked: ", name, "_packed must be projector_pack_weight(", name,
+                    "): contiguous bfloat16 of shape ", c10::IntArrayRef(expected), " on ",
+                    w.device(), ", got ", packed.scalar_type(), " ", packed.sizes(),
+                    packed.is_contiguous() ? "" : " (not contiguous)", " on ", packed.device());
+}
+
+// The inference forward of projector (no h, no autograd) with both weights packed ahead.
+Tensor projector_prepacked_cpu(const Tensor& x, const Tensor& w1, const Tensor& w1_packed,
+                               const std::optional<Tensor>& b1, const Tensor& w2,
+                               const Tensor& w2_packed, const std::optional<Tensor>& b2,
+                               c10::string_view approximate) {
+  const bool tanh_form =
+      check_projector_args("projector_prepacked", x, w1, b1, w2, b2, approximate);
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kBFloat16,
+                    "projector_prepacked: x must be bfloat16, got ", x.scalar_type());
+  check_tile_gemm("projector_prepacked");
+  check_packed_weight("w1", w1_packed, w1);
+  check_packed_weight("w2", w2_packed, w2);
+  const auto x2 = as_rows(x);
+  if (!use_packed_gemm(x, {x2.size(0), x2.size(1), w1.size(0), w2.size(0)})) {
+    // an empty operand: no tile GEMM to run, ATen's path handles it
+    return std::get<0>(projector_cpu(x, w1, b1, w2, b2, approximate, false));
+  }
+  auto out = at::empty({x2.size(0), w2.size(0)}, x.options());
+  forward_packed(x2, w1, b1, w2, b2, tanh_form, false, out, nullptr,
+                 w1_packed.const_data_ptr<BF16>(), w2_packed.const_data_ptr<BF16>());
+  auto lead = x.sizes().vec();
+  lead.back() = w2.size(0);
+  return out.view(lead);
 }
 
 // [nblocks, H] float32 zeros for the blocks' bias partials, or undefined when b1 gets no
@@ -719,6 +790,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projector_splice_back
 TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
   m.impl("projector", &projector_cpu);
   m.impl("projector_backward", &projector_backward_cpu);
+  m.impl("_projector_pack_weight", &projector_pack_weight_cpu);
+  m.impl("_projector_prepacked", &projector_prepacked_cpu);
   m.impl("projector_splice", &projector_splice_cpu);
   m.impl("projector_splice_backward", &projector_splice_backward_cpu);
 }

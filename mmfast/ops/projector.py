@@ -94,6 +94,35 @@ def _projector_backward_fake(grad_out, x, h, w1, w2, approximate, output_mask):
     return grads_like(x, w1_shape, h, w2, output_mask)
 
 
+def packed_weight_shape(w: torch.Tensor) -> tuple[int, int, int, int]:
+    """Shape of _projector_pack_weight(w) for w [N, K]: [ceil(N/64), ceil(K/2), 64, 2]."""
+    return (-(-w.shape[0] // 64), -(-w.shape[1] // 2), 64, 2)
+
+
+@torch.library.register_fake("mmfast::_projector_pack_weight")
+def _pack_weight_fake(w):
+    if w.dim() != 2:
+        raise ValueError("projector_pack_weight: w must be 2-D [out_features, in_features], got "
+                         f"shape {list(w.shape)}")
+    if w.dtype != torch.bfloat16:
+        raise ValueError(f"projector_pack_weight: w must be bfloat16, got {w.dtype}")
+    return w.new_empty(packed_weight_shape(w))
+
+
+@torch.library.register_fake("mmfast::_projector_prepacked")
+def _prepacked_fake(x, w1, w1_packed, b1, w2, w2_packed, b2, approximate="none"):
+    op = "projector_prepacked"
+    check_weights(op, x, w1, b1, w2, b2, approximate)
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"{op}: x must be bfloat16, got {x.dtype}")
+    for name, packed, w in (("w1", w1_packed, w1), ("w2", w2_packed, w2)):
+        if packed.dtype != torch.bfloat16 or tuple(packed.shape) != packed_weight_shape(w):
+            raise ValueError(f"{op}: {name}_packed must be projector_pack_weight({name}): "
+                             f"bfloat16 of shape {list(packed_weight_shape(w))}, got "
+                             f"{packed.dtype} {list(packed.shape)}")
+    return x.new_empty(*x.shape[:-1], w2.shape[0])
+
+
 def save_for_backward(ctx, op: str, x, h, w1, w2, approximate, keep_h: bool, n_inputs: int,
                       *extra) -> None:
     """The autograd context of projector and projector_splice: x, h, w1 (only when x needs a

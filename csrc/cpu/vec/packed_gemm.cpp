@@ -344,7 +344,20 @@ void pack_b_rows_bf16(const BF16* b, int64_t ldb, int64_t b_k, int64_t k, int64_
   }
 }
 
+void pack_b_nk_bf16(const BF16* b, int64_t ldb, int64_t b_k, int64_t k, int64_t n,
+                    int64_t block_begin, int64_t block_end, BF16* packed) {
+  for (int64_t nb = block_begin; nb < block_end; ++nb) {
+    const int64_t n0 = nb * kPackCols;
+    pack_block_from_nk(b, ldb, b_k, k / 2, n0, std::min(kPackCols, n - n0),
+                       packed + nb * k * kPackCols);
+  }
+}
+
 #else
+
+void pack_b_nk_bf16(const BF16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, BF16*) {
+  TORCH_INTERNAL_ASSERT(false, "pack_b_nk_bf16 runs only in the AVX512 build");
+}
 
 void packed_gemm_bf16(const PackedGemm&, std::atomic<int64_t>*, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "packed_gemm_bf16 runs only in the AVX512 build");

@@ -96,6 +96,13 @@ MMFAST_DECLARE_ISA_KERNEL(
     void packed_gemm_bf16(const ::mmfast::cpu::PackedGemm& g, std::atomic<int64_t>* next,
                           int64_t threads))
 
+// Column blocks [block_begin, block_end) of B given as B^T [n, b_k] (a weight as stored, row
+// stride ldb; b_k is k or k - 1, the missing row packed as zeros) into `packed` (the b_packed
+// layout): packed weights made once for many forwards.
+MMFAST_DECLARE_ISA_KERNEL(
+    void pack_b_nk_bf16(const c10::BFloat16* b, int64_t ldb, int64_t b_k, int64_t k, int64_t n,
+                        int64_t block_begin, int64_t block_end, c10::BFloat16* packed))
+
 // Row pairs [pair_begin, pair_end) of B [b_k, n] (row stride ldb; b_k is k or k - 1, the
 // missing row packed as zeros) into every column block of `packed` (the b_packed layout),
 // reading B's rows in order. For a row-major B that several panels of A would each pack
