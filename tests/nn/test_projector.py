@@ -2,6 +2,7 @@ import pytest
 import torch
 from torch import nn
 
+import mmfast
 from mmfast.nn import Projector
 from tests.ops._projector_common import check_like_torch
 
@@ -97,3 +98,46 @@ def test_from_module_rejects_other_activations():
         Projector.from_module(seq)
     with pytest.raises(ValueError, match="depth"):
         Projector(8, 16, 16, depth=1)
+
+
+@pytest.mark.skipif(not mmfast.cpu_bf16_gemm().startswith("vdpbf16ps"),
+                    reason=f"bfloat16 GEMMs here: {mmfast.cpu_bf16_gemm()}")
+@pytest.mark.parametrize("depth", [2, 3])
+def test_prepack_serves_inference_and_follows_weight_changes(depth):
+    """After prepack() the inference forward reads the packed copies: the op's output bit for
+    bit; an in-place weight update (as an optimizer step makes) is repacked before use; with
+    autograd the unpacked, differentiable op runs; train() drops the copies; the state_dict
+    keeps its keys."""
+    proj = Projector(40, 72, 64, depth=depth, dtype=torch.bfloat16).eval()
+    x = torch.randn(3, 9, 40, dtype=torch.bfloat16)
+    keys = set(proj.state_dict())
+    with torch.no_grad():
+        expected = proj(x)
+        assert proj.prepack() is proj and proj._packed is not None
+        assert torch.equal(proj(x), expected)
+        proj.linear_2.weight.mul_(2)
+        packed_before = proj._packed
+        updated = proj(x)
+    assert proj._packed is not packed_before
+    proj2 = Projector(40, 72, 64, depth=depth, dtype=torch.bfloat16).eval()
+    proj2.load_state_dict(proj.state_dict())
+    with torch.no_grad():
+        assert torch.equal(updated, proj2(x))
+    out = proj(x)  # autograd on: the differentiable op
+    out.float().sum().backward()
+    assert proj.linear_1.weight.grad is not None and torch.equal(out.detach(), updated)
+    assert set(proj.state_dict()) == keys
+    proj.train()
+    assert proj._packed is None
+
+
+def test_prepack_warns_where_nothing_is_packed():
+    """float32 weights (and CPUs whose bfloat16 GEMMs run elsewhere) are not packed: a warning
+    says so and the forward stays the op's."""
+    proj = Projector(40, 72, 64)
+    with pytest.warns(UserWarning, match="nothing packed"):
+        proj.prepack()
+    assert proj._packed is None
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        assert proj(x).shape == (5, 64)
