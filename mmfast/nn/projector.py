@@ -92,7 +92,9 @@ class Projector(nn.Module):
         load_state_dict, copy_ under no_grad): forward repacks when a weight's version moved.
         A change through `.data` is not counted: call prepack() again after one. train(True)
         drops the copies. Where the tiles do not run (other CPUs or dtypes, CUDA), it warns and
-        packs nothing. Returns self."""
+        packs nothing. Under torch.compile the module runs the op, which packs per call (the
+        identity check compares data pointers, which a compiled graph cannot guard on).
+        Returns self."""
         first, second = self.linears[:2]
         reason = self._prepack_unsupported(first.weight, second.weight)
         if reason:
@@ -125,7 +127,7 @@ class Projector(nn.Module):
     def _packed_for(self, x, first, second):
         """The packed weights for this call, repacked if a weight changed; None when the call
         needs autograd or nothing was packed."""
-        if self._packed is None:
+        if self._packed is None or torch.compiler.is_compiling():
             return None
         params = (x, first.weight, first.bias, second.weight, second.bias)
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):

@@ -106,8 +106,8 @@ def test_from_module_rejects_other_activations():
 def test_prepack_serves_inference_and_follows_weight_changes(depth):
     """After prepack() the inference forward reads the packed copies: the op's output bit for
     bit; an in-place weight update (as an optimizer step makes) is repacked before use; with
-    autograd the unpacked, differentiable op runs; train() drops the copies; the state_dict
-    keeps its keys."""
+    autograd the unpacked, differentiable op runs, and so does the compiled module; train()
+    drops the copies; the state_dict keeps its keys."""
     proj = Projector(40, 72, 64, depth=depth, dtype=torch.bfloat16).eval()
     x = torch.randn(3, 9, 40, dtype=torch.bfloat16)
     keys = set(proj.state_dict())
@@ -127,6 +127,8 @@ def test_prepack_serves_inference_and_follows_weight_changes(depth):
     out.float().sum().backward()
     assert proj.linear_1.weight.grad is not None and torch.equal(out.detach(), updated)
     assert set(proj.state_dict()) == keys
+    with torch.no_grad():  # compiled, the module runs the op (fullgraph: no data-pointer guard)
+        assert torch.equal(torch.compile(proj, fullgraph=True)(x), updated)
     proj.train()
     assert proj._packed is None
 
