@@ -113,9 +113,8 @@ def _prepack_supports(case, dtype, mode):
         return "projector only"
     if dtype != "bfloat16":
         return "bfloat16 only"
-    path = mmfast.cpu_bf16_gemm()
-    if not path.startswith("vdpbf16ps"):
-        return f"bfloat16 GEMMs here: {path}"
+    if not torch.ops.mmfast._cpu_bf16_tile_gemm():
+        return f"bfloat16 GEMMs here: {mmfast.cpu_bf16_gemm()}"
     return None
 
 

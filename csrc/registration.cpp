@@ -18,6 +18,8 @@ std::string cpu_isa() { return mmfast::cpu::isa_name(mmfast::cpu::active_isa());
 
 std::string cpu_bf16_gemm() { return mmfast::cpu::bf16_gemm_path(); }
 
+bool cpu_bf16_tile_gemm() { return mmfast::cpu::bf16_tile_gemm(); }
+
 bool has_cuda_kernels() {
 #ifdef MMFAST_WITH_CUDA
   return true;
@@ -33,6 +35,7 @@ TORCH_LIBRARY(mmfast, m) {
   // CPU, whether CUDA C++ kernels were compiled.
   m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_cpu_bf16_gemm() -> str", &cpu_bf16_gemm);
+  m.def("_cpu_bf16_tile_gemm() -> bool", &cpu_bf16_tile_gemm);
   m.def("_has_cuda_kernels() -> bool", &has_cuda_kernels);
 
   m.def("bias_gelu(Tensor x, Tensor bias, str approximate=\"none\") -> Tensor");

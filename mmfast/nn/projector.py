@@ -106,12 +106,13 @@ class Projector(nn.Module):
 
     @staticmethod
     def _prepack_unsupported(*weights) -> str | None:
-        w = weights[0]
-        if w.device.type != "cpu" or w.dtype != torch.bfloat16:
-            return f"packed weights are for bfloat16 on CPU, the weights are {w.dtype} on {w.device}"
-        path = mmfast.cpu_bf16_gemm()
-        if not path.startswith("vdpbf16ps"):
-            return f"this CPU's bfloat16 GEMMs run in {path}, not on mmfast's tiles"
+        for w in weights:
+            if w.device.type != "cpu" or w.dtype != torch.bfloat16:
+                return (f"packed weights are for bfloat16 on CPU, the weights are {w.dtype} on "
+                        f"{w.device}")
+        if not torch.ops.mmfast._cpu_bf16_tile_gemm():
+            return (f"this CPU's bfloat16 GEMMs run in {mmfast.cpu_bf16_gemm()}, not on mmfast's "
+                    "tiles")
         return None
 
     @staticmethod

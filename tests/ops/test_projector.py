@@ -61,6 +61,7 @@ def test_cpu_bf16_gemm_follows_cpu_flags():
     else:
         expected = "vdpbf16ps tiles (avx512_bf16, no AMX)"
     assert mmfast.cpu_bf16_gemm() == expected
+    assert torch.ops.mmfast._cpu_bf16_tile_gemm() == expected.startswith("vdpbf16ps")
 
 
 def test_bfloat16_without_packed_gemm():
@@ -129,7 +130,7 @@ def test_bfloat16_packed_forward_over_panels(trained):
         embeds = torch.randn(3, 2000, 130, dtype=dt)
         spliced = ops.projector_splice(*args, embeds, mask, "tanh")
         assert torch.equal(spliced[mask], out) and torch.equal(spliced[~mask], embeds[~mask])
-        if mmfast.cpu_bf16_gemm().startswith("vdpbf16ps"):
+        if torch.ops.mmfast._cpu_bf16_tile_gemm():
             threads = torch.get_num_threads()
             try:
                 torch.set_num_threads(1)

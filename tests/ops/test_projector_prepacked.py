@@ -11,7 +11,7 @@ from mmfast import ops
 from tests.helpers import noncontiguous
 from tests.samples.projector import make_weights
 
-TILES = mmfast.cpu_bf16_gemm().startswith("vdpbf16ps")
+TILES = torch.ops.mmfast._cpu_bf16_tile_gemm()
 pytestmark = pytest.mark.skipif(not TILES, reason=f"bfloat16 GEMMs here: {mmfast.cpu_bf16_gemm()}")
 
 pack = torch.ops.mmfast._projector_pack_weight
