@@ -1,6 +1,7 @@
-"""Prints the tables of csrc/cpu/vec/gelu_table.h: Phi (the normal CDF) and phi (its density)
-on [LO, 0] as INTERVALS cubics in t in [0, 1], each a least-squares fit in float64 at 200
-Chebyshev nodes of its interval. `python tools/gelu_table.py` prints the C++ arrays;
+"""Prints the tables of csrc/cpu/vec/gelu_table.h: for each GELU form its gate S (exact: Phi,
+the normal CDF; tanh: 0.5 (1 + tanh(k (y + c y^3)))) and the gate's derivative S', on [LO, 0],
+as INTERVALS cubics in t in [0, 1], each a least-squares fit in float64 at 200 Chebyshev nodes
+of its interval. `python tools/gelu_table.py` prints the C++ arrays;
 tests/ops/test_projector.py checks that the header holds what this prints."""
 
 import math
@@ -13,12 +14,25 @@ DEGREE = 3
 NODES = 200
 
 
+TANH_K = math.sqrt(2 / math.pi)
+TANH_C = 0.044715
+
+
 def _cdf(y):
     return torch.special.ndtr(y)
 
 
 def _pdf(y):
     return torch.exp(-0.5 * y * y) / math.sqrt(2 * math.pi)
+
+
+def _tanh_gate(y):
+    return 0.5 * (1 + torch.tanh(TANH_K * (y + TANH_C * y**3)))
+
+
+def _tanh_gate_grad(y):
+    t = torch.tanh(TANH_K * (y + TANH_C * y**3))
+    return 0.5 * (1 - t * t) * TANH_K * (1 + 3 * TANH_C * y * y)
 
 
 def coefficients(f) -> torch.Tensor:
@@ -35,7 +49,9 @@ def coefficients(f) -> torch.Tensor:
 
 
 def tables() -> dict:
-    return {"kGeluCdfTable": coefficients(_cdf), "kGeluPdfTable": coefficients(_pdf)}
+    return {"kGeluCdfTable": coefficients(_cdf), "kGeluPdfTable": coefficients(_pdf),
+            "kGeluTanhGateTable": coefficients(_tanh_gate),
+            "kGeluTanhGateGradTable": coefficients(_tanh_gate_grad)}
 
 
 def cpp() -> str:

@@ -1,20 +1,23 @@
-// The exact (erf) GELU and its derivative by piecewise cubics, for the bfloat16 tile GEMMs'
-// epilogues (packed_gemm.cpp, AVX512 build only):
+// GELU (exact or tanh form) and its derivative by piecewise cubics, for the bfloat16 tile
+// GEMMs' epilogues (packed_gemm.cpp, AVX512 build only). Both forms are x S(x) with a gate
+// S (exact: Phi, the normal CDF; tanh: 0.5 (1 + tanh(k (x + c x^3)))) for which
+// S(-x) = 1 - S(x), so with y = -|x|:
 //
-//   gelu(x)  = relu(x) + gelu(y),        gelu(y) = y Phi(y),            y = -|x|
-//   gelu'(x) = x > 0 ? 1 - q : q,        q = gelu'(y) = Phi(y) + y phi(y)
+//   gelu(x)  = relu(x) + y S(y)
+//   gelu'(x) = x > 0 ? 1 - q : q,        q = S(y) + y S'(y)
 //
-// (gelu(x) - gelu(-x) = x, and gelu' of x and -x sum to 1.) Phi and phi are tabulated on
-// y in [kGeluTableLo, 0] as 32 cubics (tools/gelu_table.py fits and prints them); below
-// kGeluTableLo, Phi(y) < 1.1e-8 and both are taken as 0. Against float64 on every finite
-// bfloat16 input, in float32: |gelu error| <= 2.4e-7 and |gelu' error| <= 3.8e-7 (gelu.h's
-// Abramowitz-Stegun erf: 4.5e-7 for gelu). Rounded to bfloat16, wherever |gelu| > 1e-6, gelu
-// differs from the correctly rounded value on 1 input and gelu' on none (gelu.h: 19 and 8;
-// ATen's bfloat16 GELU: 159), by one unit in the last place (test_projector.py checks it).
+// S and S' are tabulated on y in [kGeluTableLo, 0] as 32 cubics each (tools/gelu_table.py
+// fits and prints them); below kGeluTableLo both gates are under 1.1e-8 and S, S' are taken as
+// 0. Against float64 on every finite bfloat16 input, in float32: |gelu error| <= 2.4e-7 and
+// |gelu' error| <= 3.8e-7, either form (gelu.h's Abramowitz-Stegun erf: 4.5e-7 for gelu).
+// Rounded to bfloat16, wherever |gelu| > 1e-6 (~21500 inputs), the exact form's gelu differs
+// from the correctly rounded value on 1 input and its gelu' on none (gelu.h: 19 and 8; ATen's
+// bfloat16 F.gelu: 159); the tanh form's on 1 and 3 (ATen: 14). Each by one unit in the last
+// place (test_projector.py checks every input through the op).
 //
-// Why: gelu.h's erf costs an exp and a division per vector; here each function costs four
-// two-register table lookups (vpermt2ps) and three fmas. The GELU took ~1.8% of SigLIP's
-// bfloat16 forward with gelu.h (timing script, GELU left out against kept in).
+// Why: gelu.h costs an exp and a division per vector; here each function costs four
+// two-register table lookups (vpermt2ps) and three fmas. The exact GELU took ~1.3% of SigLIP's
+// bfloat16 forward with gelu.h and ~0.5% with these (timing script).
 #pragma once
 
 #include <immintrin.h>
@@ -25,7 +28,7 @@ constexpr float kGeluTableLo = -5.6f;
 constexpr int kGeluTableIntervals = 32;
 
 // Coefficients c[d][i] of interval i: f(kGeluTableLo + (i + t) w) = c0 + t (c1 + t (c2 + t c3)),
-// w = -kGeluTableLo / 32.
+// w = -kGeluTableLo / 32; f is Phi, phi, the tanh form's gate and its derivative.
 inline constexpr float kGeluCdfTable[4][32] = {
     {1.071310951e-08f, 2.896682716e-08f, 7.602609031e-08f, 1.936968772e-07f,
      4.790759931e-07f, 1.150359594e-06f, 2.681871820e-06f, 6.070826203e-06f,
@@ -94,17 +97,88 @@ inline constexpr float kGeluPdfTable[4][32] = {
      -2.523997100e-04f, -3.617461480e-04f, -4.468583793e-04f, -4.888830008e-04f,
      -4.739327997e-04f, -3.970139369e-04f, -2.642739273e-04f, -9.272432362e-05f},
 };
+inline constexpr float kGeluTanhGateTable[4][32] = {
+    {4.741950721e-10f, 1.958241347e-09f, 7.530784885e-09f, 2.703240298e-08f,
+     9.078271290e-08f, 2.858893708e-07f, 8.461946663e-07f, 2.359499831e-06f,
+     6.212205790e-06f, 1.547909051e-05f, 3.658595233e-05f, 8.221385360e-05f,
+     1.760454325e-04f, 3.600250930e-04f, 7.047506515e-04f, 1.323368284e-03f,
+     2.388854977e-03f, 4.153829999e-03f, 6.971053313e-03f, 1.131161489e-02f,
+     1.777663082e-02f, 2.709720843e-02f, 4.011693224e-02f, 5.775160715e-02f,
+     8.092289418e-02f, 1.104664803e-01f, 1.470211297e-01f, 1.909113973e-01f,
+     2.420428246e-01f, 2.998308539e-01f, 3.631823957e-01f, 4.305415750e-01f},
+    {7.210245734e-10f, 2.806232136e-09f, 1.017519935e-08f, 3.444394281e-08f,
+     1.090813626e-07f, 3.238807267e-07f, 9.035588278e-07f, 2.373640427e-06f,
+     5.884650818e-06f, 1.379883906e-05f, 3.067303987e-05f, 6.478065916e-05f,
+     1.302842575e-04f, 2.500789124e-04f, 4.591667093e-04f, 8.082021959e-04f,
+     1.366593642e-03f, 2.224290045e-03f, 3.491172334e-03f, 5.292849150e-03f,
+     7.761695422e-03f, 1.102228835e-02f, 1.517111715e-02f, 2.025170624e-02f,
+     2.622803673e-02f, 3.296115994e-02f, 4.019536823e-02f, 4.756046087e-02f,
+     5.459468067e-02f, 6.078869104e-02f, 6.564567983e-02f, 6.874769926e-02f},
+    {3.422468142e-10f, 1.345843326e-09f, 4.871724357e-09f, 1.630019320e-08f,
+     5.059557751e-08f, 1.461812786e-07f, 3.943502520e-07f, 9.962440117e-07f,
+     2.363600743e-06f, 5.280834102e-06f, 1.114086535e-05f, 2.225203571e-05f,
+     4.218719550e-05f, 7.611184992e-05f, 1.309935906e-04f, 2.155691182e-04f,
+     3.399362322e-04f, 5.146478652e-04f, 7.492175209e-04f, 1.050003688e-03f,
+     1.417542808e-03f, 1.843571430e-03f, 2.308225492e-03f, 2.778198803e-03f,
+     3.206870286e-03f, 3.537392477e-03f, 3.709272714e-03f, 3.668042365e-03f,
+     3.376397770e-03f, 2.824221039e-03f, 2.034655539e-03f, 1.064177253e-03f},
+    {4.227767580e-10f, 1.426152307e-09f, 4.469635329e-09f, 1.304259456e-08f,
+     3.551217631e-08f, 9.041698945e-08f, 2.157367902e-07f, 4.834449214e-07f,
+     1.019698857e-06f, 2.028889867e-06f, 3.816537173e-06f, 6.802425560e-06f,
+     1.151281140e-05f, 1.854036236e-05f, 2.846339521e-05f, 4.172135232e-05f,
+     5.845005580e-05f, 7.828747766e-05f, 1.001701821e-04f, 1.221550192e-04f,
+     1.413225691e-04f, 1.538433135e-04f, 1.553007896e-04f, 1.413423597e-04f,
+     1.086478878e-04f, 5.606550985e-05f, -1.438951404e-05f, -9.706107812e-05f,
+     -1.830196852e-04f, -2.613466349e-04f, -3.210925788e-04f, -3.534257703e-04f},
+};
+inline constexpr float kGeluTanhGateGradTable[4][32] = {
+    {3.941432958e-09f, 1.546654538e-08f, 5.646407075e-08f, 1.922158077e-07f,
+     6.115641895e-07f, 1.822759259e-06f, 5.100941053e-06f, 1.343401891e-05f,
+     3.337330782e-05f, 7.838546298e-05f, 1.744704205e-04f, 3.688636352e-04f,
+     7.424602518e-04f, 1.426076167e-03f, 2.619745908e-03f, 4.612998106e-03f,
+     7.802589796e-03f, 1.270272583e-02f, 1.994158141e-02f, 3.023725562e-02f,
+     4.434652627e-02f, 6.298155338e-02f, 8.669383079e-02f, 1.157319024e-01f,
+     1.498894095e-01f, 1.883713752e-01f, 2.297153920e-01f, 2.718047202e-01f,
+     3.119997680e-01f, 3.473895490e-01f, 3.751354814e-01f, 3.928504586e-01f},
+    {5.747672560e-09f, 2.121788967e-08f, 7.287742676e-08f, 2.333756299e-07f,
+     6.982219816e-07f, 1.955796733e-06f, 5.140143458e-06f, 1.270251050e-05f,
+     2.958151526e-05f, 6.506290083e-05f, 1.354580745e-04f, 2.675588767e-04f,
+     5.025322898e-04f, 8.995388052e-04f, 1.537971199e-03f, 2.516923938e-03f,
+     3.950399347e-03f, 5.956877023e-03f, 8.642246947e-03f, 1.207580138e-02f,
+     1.626017503e-02f, 2.109804563e-02f, 2.636119723e-02f, 3.167069331e-02f,
+     3.649930656e-02f, 4.020698741e-02f, 4.211492464e-02f, 4.161356017e-02f,
+     3.828658909e-02f, 3.202244267e-02f, 2.308203280e-02f, 1.209983509e-02f},
+    {2.761800122e-09f, 1.020611418e-08f, 3.469881449e-08f, 1.089438797e-07f,
+     3.169596994e-07f, 8.571936405e-07f, 2.161245220e-06f, 5.094428616e-06f,
+     1.125709696e-05f, 2.337970000e-05f, 4.575640560e-05f, 8.459851233e-05f,
+     1.481297368e-04f, 2.462177072e-04f, 3.893599787e-04f, 5.869194865e-04f,
+     8.446110296e-04f, 1.161355991e-03f, 1.525752945e-03f, 1.912603970e-03f,
+     2.280250657e-03f, 2.569920151e-03f, 2.708695130e-03f, 2.617741004e-03f,
+     2.226589015e-03f, 1.492251758e-03f, 4.191216722e-04f, -9.268482099e-04f,
+     -2.416477306e-03f, -3.872087225e-03f, -5.097096786e-03f, -5.913564935e-03f},
+    {3.028024054e-09f, 9.606158535e-09f, 2.825477274e-08f, 7.720657180e-08f,
+     1.963813503e-07f, 4.658951411e-07f, 1.032932914e-06f, 2.144380915e-06f,
+     4.176593848e-06f, 7.646579434e-06f, 1.318405157e-05f, 2.144527753e-05f,
+     3.295979332e-05f, 4.791775791e-05f, 6.592268619e-05f, 8.574494859e-05f,
+     1.051152794e-04f, 1.206030865e-04f, 1.276446856e-04f, 1.208252434e-04f,
+     9.455557301e-05f, 4.427060776e-05f, -3.185344030e-05f, -1.309459331e-04f,
+     -2.439029922e-04f, -3.551690024e-04f, -4.446107487e-04f, -4.915770260e-04f,
+     -4.802147159e-04f, -4.043101217e-04f, -2.699125034e-04f, -9.482430323e-05f},
+};
 
 #define MMFAST_GELU_TABLE_TARGET __attribute__((target("avx512f"), always_inline))
 
-// Both tables as pairs of registers: built once per epilogue call, kept in registers by its loop.
-struct GeluErfTable {
-  __m512 cdf[4][2], pdf[4][2];
-  MMFAST_GELU_TABLE_TARGET GeluErfTable() {
+// One form's tables as pairs of registers: built once per epilogue call, kept in registers by
+// its loop.
+struct GeluTable {
+  __m512 gate[4][2], grad[4][2];
+  MMFAST_GELU_TABLE_TARGET explicit GeluTable(bool tanh_form) {
+    const auto& gate_c = tanh_form ? kGeluTanhGateTable : kGeluCdfTable;
+    const auto& grad_c = tanh_form ? kGeluTanhGateGradTable : kGeluPdfTable;
     for (int d = 0; d < 4; ++d) {
       for (int h = 0; h < 2; ++h) {
-        cdf[d][h] = _mm512_loadu_ps(kGeluCdfTable[d] + 16 * h);
-        pdf[d][h] = _mm512_loadu_ps(kGeluPdfTable[d] + 16 * h);
+        gate[d][h] = _mm512_loadu_ps(gate_c[d] + 16 * h);
+        grad[d][h] = _mm512_loadu_ps(grad_c[d] + 16 * h);
       }
     }
   }
@@ -132,19 +206,19 @@ struct GeluTablePoint {
   }
 };
 
-MMFAST_GELU_TABLE_TARGET inline __m512 gelu_erf_table(__m512 x, const GeluErfTable& tab) {
+MMFAST_GELU_TABLE_TARGET inline __m512 gelu_by_table(__m512 x, const GeluTable& tab) {
   const GeluTablePoint p(x);
-  const __m512 neg = _mm512_maskz_mul_ps(p.inside, p.y, p.eval(tab.cdf));
+  const __m512 neg = _mm512_maskz_mul_ps(p.inside, p.y, p.eval(tab.gate));
   return _mm512_add_ps(_mm512_max_ps(_mm512_setzero_ps(), x), neg);  // max: a NaN x stays NaN
 }
 
-MMFAST_GELU_TABLE_TARGET inline void gelu_and_grad_erf_table(__m512 x, const GeluErfTable& tab,
-                                                             __m512& act, __m512& d) {
+MMFAST_GELU_TABLE_TARGET inline void gelu_and_grad_by_table(__m512 x, const GeluTable& tab,
+                                                            __m512& act, __m512& d) {
   const GeluTablePoint p(x);
-  const __m512 cdf = p.eval(tab.cdf);
+  const __m512 gate = p.eval(tab.gate);
   act = _mm512_add_ps(_mm512_max_ps(_mm512_setzero_ps(), x),
-                      _mm512_maskz_mul_ps(p.inside, p.y, cdf));
-  const __m512 q = _mm512_maskz_fmadd_ps(p.inside, p.y, p.eval(tab.pdf), cdf);
+                      _mm512_maskz_mul_ps(p.inside, p.y, gate));
+  const __m512 q = _mm512_maskz_fmadd_ps(p.inside, p.y, p.eval(tab.grad), gate);
   const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
   d = _mm512_mask_sub_ps(q, positive, _mm512_set1_ps(1.0f), q);
 }

@@ -20,7 +20,6 @@
 #include <vector>
 
 #include "cpu/vec/chunk.h"
-#include "cpu/vec/gelu.h"
 #include "cpu/vec/transpose.h"
 
 namespace mmfast::cpu::CPU_CAPABILITY {
@@ -126,10 +125,7 @@ MMFAST_BF16_TARGET void store_rows(const PackedGemm& g, const Tile& t, const flo
 }
 
 MMFAST_BF16_TARGET void bias_gelu_rows(const PackedGemm& g, const Tile& t, const float* acc) {
-  const GeluErfTable tab;
-  const auto act_of = [&](const fVec& v) {
-    return g.tanh_form ? gelu_tanh(v) : fVec(gelu_erf_table(v, tab));
-  };
+  const GeluTable tab(g.tanh_form);
   for (int64_t i = 0; i < t.rows; ++i) {
     BF16* act = g.out + (t.m0 + i) * g.ldo + t.n0;
     BF16* pre = g.out2 == nullptr ? nullptr : g.out2 + (t.m0 + i) * g.ldo2 + t.n0;
@@ -139,7 +135,7 @@ MMFAST_BF16_TARGET void bias_gelu_rows(const PackedGemm& g, const Tile& t, const
       load_biased(g, t, acc, i, c, n, lo, hi);
       round_bf16(lo, hi);
       if (pre != nullptr) store_bf16(pre + c, n, lo, hi);
-      store_bf16(act + c, n, act_of(lo), act_of(hi));
+      store_bf16(act + c, n, fVec(gelu_by_table(lo, tab)), fVec(gelu_by_table(hi, tab)));
     }
   }
 }
@@ -157,16 +153,12 @@ MMFAST_BF16_TARGET void gelu_grad_rows(const PackedGemm& g, const Tile& t, float
   };
   for (int64_t i = 0; i < std::min(kPrefetchRows, t.rows); ++i) prefetch_h(i);
   float colsum[kPackCols] = {};
-  const GeluErfTable tab;
+  const GeluTable tab(g.tanh_form);
   const auto act_and_grad = [&](const fVec& v, fVec& a, fVec& d) {
-    if (g.tanh_form) {
-      gelu_and_grad(v, true, a, d);
-    } else {
-      __m512 av, dv;
-      gelu_and_grad_erf_table(v, tab, av, dv);
-      a = av;
-      d = dv;
-    }
+    __m512 av, dv;
+    gelu_and_grad_by_table(v, tab, av, dv);
+    a = av;
+    d = dv;
   };
   for (int64_t i = 0; i < t.rows; ++i) {
     if (i + kPrefetchRows < t.rows) prefetch_h(i + kPrefetchRows);
