@@ -22,6 +22,7 @@ namespace {
 template <typename T>
 void forward_rows(const T* x, const T* bias, T* out, int64_t r0, int64_t r1, int64_t cols,
                   bool tanh_form) {
+  const GeluForm gelu(tanh_form);
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * cols;
     T* yr = out + r * cols;
@@ -29,7 +30,7 @@ void forward_rows(const T* x, const T* bias, T* out, int64_t r0, int64_t r1, int
       fVec x0, x1, b0, b1;
       load2(xr + c, n, x0, x1);
       load2(bias + c, n, b0, b1);
-      store2(yr + c, n, gelu(x0 + b0, tanh_form), gelu(x1 + b1, tanh_form));
+      store2(yr + c, n, gelu(x0 + b0), gelu(x1 + b1));
     });
   }
 }
@@ -37,6 +38,7 @@ void forward_rows(const T* x, const T* bias, T* out, int64_t r0, int64_t r1, int
 template <typename T>
 void backward_rows(const T* grad, const T* x, const T* bias, T* grad_x, float* bias_partial,
                    int64_t r0, int64_t r1, int64_t cols, bool tanh_form) {
+  const GeluForm gelu(tanh_form);
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * cols;
     const T* gr = grad + r * cols;
@@ -46,8 +48,8 @@ void backward_rows(const T* grad, const T* x, const T* bias, T* grad_x, float* b
       load2(xr + c, n, x0, x1);
       load2(bias + c, n, b0, b1);
       load2(gr + c, n, g0, g1);
-      const fVec d0 = g0 * dgelu(x0 + b0, tanh_form);
-      const fVec d1 = g1 * dgelu(x1 + b1, tanh_form);
+      const fVec d0 = g0 * gelu.grad(x0 + b0);
+      const fVec d1 = g1 * gelu.grad(x1 + b1);
       store2(dxr + c, n, d0, d1);
       if (bias_partial != nullptr) accumulate2(bias_partial + c, n, d0, d1);
     });
@@ -56,6 +58,7 @@ void backward_rows(const T* grad, const T* x, const T* bias, T* grad_x, float* b
 
 template <typename T>
 void keep_rows(T* h, const T* bias, T* act, int64_t r0, int64_t r1, int64_t cols, bool tanh_form) {
+  const GeluForm gelu(tanh_form);
   for (int64_t r = r0; r < r1; ++r) {
     T* hr = h + r * cols;
     T* ar = act + r * cols;
@@ -72,7 +75,7 @@ void keep_rows(T* h, const T* bias, T* act, int64_t r0, int64_t r1, int64_t cols
         store2(hr + c, n, v0, v1);
         if constexpr (!std::is_same_v<T, float>) load2(hr + c, n, v0, v1);
       }
-      store2(ar + c, n, gelu(v0, tanh_form), gelu(v1, tanh_form));
+      store2(ar + c, n, gelu(v0), gelu(v1));
     });
   }
 }
@@ -80,6 +83,7 @@ void keep_rows(T* h, const T* bias, T* act, int64_t r0, int64_t r1, int64_t cols
 template <typename T>
 void recompute_backward_rows(const T* h, T* grad, T* act, float* bias_partial, int64_t r0,
                              int64_t r1, int64_t cols, bool tanh_form) {
+  const GeluForm gelu(tanh_form);
   for (int64_t r = r0; r < r1; ++r) {
     const T* hr = h + r * cols;
     T* gr = grad == nullptr ? nullptr : grad + r * cols;
@@ -87,8 +91,8 @@ void recompute_backward_rows(const T* h, T* grad, T* act, float* bias_partial, i
     for_each_chunk(cols, [&](int64_t c, int64_t n) {
       fVec v0, v1, a0, a1, d0, d1;
       load2(hr + c, n, v0, v1);
-      gelu_and_grad(v0, tanh_form, a0, d0);
-      gelu_and_grad(v1, tanh_form, a1, d1);
+      gelu.both(v0, a0, d0);
+      gelu.both(v1, a1, d1);
       if (ar != nullptr) store2(ar + c, n, a0, a1);
       if (gr != nullptr) {
         fVec g0, g1;

@@ -5,6 +5,10 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#if defined(CPU_CAPABILITY_AVX512)
+#include "cpu/vec/gelu_table.h"
+#endif
+
 namespace mmfast::cpu::CPU_CAPABILITY {
 
 using fVec = at::vec::Vectorized<float>;
@@ -87,5 +91,39 @@ inline void gelu_and_grad(const fVec& v, bool tanh_form, fVec& act, fVec& d) {
     d = at::vec::fmadd(v * fVec(kInvSqrt2Pi), e, half * (one + erf));
   }
 }
+
+// One GELU form for a loop: gelu, gelu' and both at once. The AVX512 build evaluates them by
+// piecewise cubics (gelu_table.h: more accurate, and no exp or division), the others by the
+// functions above.
+class GeluForm {
+ public:
+  explicit GeluForm(bool tanh_form)
+      : tanh_form_(tanh_form)
+#if defined(CPU_CAPABILITY_AVX512)
+        , table_(tanh_form)
+#endif
+  {
+  }
+#if defined(CPU_CAPABILITY_AVX512)
+  fVec operator()(const fVec& x) const { return gelu_by_table(x, table_); }
+  fVec grad(const fVec& x) const { return gelu_grad_by_table(x, table_); }
+  void both(const fVec& x, fVec& act, fVec& d) const {
+    __m512 a, g;
+    gelu_and_grad_by_table(x, table_, a, g);
+    act = a;
+    d = g;
+  }
+#else
+  fVec operator()(const fVec& x) const { return gelu(x, tanh_form_); }
+  fVec grad(const fVec& x) const { return dgelu(x, tanh_form_); }
+  void both(const fVec& x, fVec& act, fVec& d) const { gelu_and_grad(x, tanh_form_, act, d); }
+#endif
+
+ private:
+  bool tanh_form_;
+#if defined(CPU_CAPABILITY_AVX512)
+  GeluTable table_;
+#endif
+};
 
 }  // namespace mmfast::cpu::CPU_CAPABILITY

@@ -12,7 +12,6 @@
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 
-#include "cpu/vec/gelu_table.h"
 #include "cpu/vec/vnni_tile.h"
 #endif
 
@@ -20,6 +19,7 @@
 #include <vector>
 
 #include "cpu/vec/chunk.h"
+#include "cpu/vec/gelu.h"
 #include "cpu/vec/transpose.h"
 
 namespace mmfast::cpu::CPU_CAPABILITY {
@@ -125,7 +125,7 @@ MMFAST_BF16_TARGET void store_rows(const PackedGemm& g, const Tile& t, const flo
 }
 
 MMFAST_BF16_TARGET void bias_gelu_rows(const PackedGemm& g, const Tile& t, const float* acc) {
-  const GeluTable tab(g.tanh_form);
+  const GeluForm gelu(g.tanh_form);
   for (int64_t i = 0; i < t.rows; ++i) {
     BF16* act = g.out + (t.m0 + i) * g.ldo + t.n0;
     BF16* pre = g.out2 == nullptr ? nullptr : g.out2 + (t.m0 + i) * g.ldo2 + t.n0;
@@ -135,7 +135,7 @@ MMFAST_BF16_TARGET void bias_gelu_rows(const PackedGemm& g, const Tile& t, const
       load_biased(g, t, acc, i, c, n, lo, hi);
       round_bf16(lo, hi);
       if (pre != nullptr) store_bf16(pre + c, n, lo, hi);
-      store_bf16(act + c, n, fVec(gelu_by_table(lo, tab)), fVec(gelu_by_table(hi, tab)));
+      store_bf16(act + c, n, gelu(lo), gelu(hi));
     }
   }
 }
@@ -153,13 +153,7 @@ MMFAST_BF16_TARGET void gelu_grad_rows(const PackedGemm& g, const Tile& t, float
   };
   for (int64_t i = 0; i < std::min(kPrefetchRows, t.rows); ++i) prefetch_h(i);
   float colsum[kPackCols] = {};
-  const GeluTable tab(g.tanh_form);
-  const auto act_and_grad = [&](const fVec& v, fVec& a, fVec& d) {
-    __m512 av, dv;
-    gelu_and_grad_by_table(v, tab, av, dv);
-    a = av;
-    d = dv;
-  };
+  const GeluForm gelu(g.tanh_form);
   for (int64_t i = 0; i < t.rows; ++i) {
     if (i + kPrefetchRows < t.rows) prefetch_h(i + kPrefetchRows);
     const BF16* h = g.h + (t.m0 + i) * g.ldh + t.n0;
@@ -171,8 +165,8 @@ MMFAST_BF16_TARGET void gelu_grad_rows(const PackedGemm& g, const Tile& t, float
       load2(d + c, n, g0, g1);
       round_bf16(g0, g1);  // the bfloat16 grad of the activation, as an unfused backward has it
       load2(h + c, n, h0, h1);
-      act_and_grad(h0, a0, d0);
-      act_and_grad(h1, a1, d1);
+      gelu.both(h0, a0, d0);
+      gelu.both(h1, a1, d1);
       g0 = g0 * d0;
       g1 = g1 * d1;
       store2(d + c, n, g0, g1);
