@@ -36,7 +36,8 @@ def _tanh_gate_grad(y):
 
 
 def coefficients(f) -> torch.Tensor:
-    """[DEGREE + 1, INTERVALS] float32: f(LO + (i + t) w) ~ sum_d c[d, i] t^d, w = -LO / INTERVALS."""
+    """[DEGREE + 1, INTERVALS] float32: f(LO + (i + t) w) ~ sum_d c[d, i] t^d,
+    w = -LO / INTERVALS."""
     width = -LO / INTERVALS
     k = torch.arange(NODES, dtype=torch.float64)
     t = (torch.cos(math.pi * (k + 0.5) / NODES) + 1) / 2

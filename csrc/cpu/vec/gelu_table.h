@@ -1,7 +1,7 @@
 // GELU (exact or tanh form) and its derivative by piecewise cubics, for the AVX512 build's
-// elementwise loops (gelu.h's GeluForm: the bfloat16 tile GEMMs' epilogues, bias_gelu). Both forms are x S(x) with a gate
-// S (exact: Phi, the normal CDF; tanh: 0.5 (1 + tanh(k (x + c x^3)))) for which
-// S(-x) = 1 - S(x), so with y = -|x|:
+// elementwise loops (gelu.h's GeluForm: the bfloat16 tile GEMMs' epilogues, bias_gelu). Both
+// forms are x S(x) with a gate S (exact: Phi, the normal CDF; tanh: 0.5 (1 + tanh(k (x +
+// c x^3)))) for which S(-x) = 1 - S(x), so with y = -|x|:
 //
 //   gelu(x)  = x (x > 0 ? 1 - S(y) : S(y))
 //   gelu'(x) = x > 0 ? 1 - q : q,        q = S(y) + y S'(y)
