@@ -12,8 +12,6 @@ LO = -5.6
 INTERVALS = 32
 DEGREE = 3
 NODES = 200
-
-
 TANH_K = math.sqrt(2 / math.pi)
 TANH_C = 0.044715
 

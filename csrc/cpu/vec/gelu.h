@@ -97,14 +97,8 @@ inline void gelu_and_grad(const fVec& v, bool tanh_form, fVec& act, fVec& d) {
 // functions above.
 class GeluForm {
  public:
-  explicit GeluForm(bool tanh_form)
-      : tanh_form_(tanh_form)
 #if defined(CPU_CAPABILITY_AVX512)
-        , table_(tanh_form)
-#endif
-  {
-  }
-#if defined(CPU_CAPABILITY_AVX512)
+  explicit GeluForm(bool tanh_form) : table_(tanh_form) {}
   fVec operator()(const fVec& x) const { return gelu_by_table(x, table_); }
   fVec grad(const fVec& x) const { return gelu_grad_by_table(x, table_); }
   void both(const fVec& x, fVec& act, fVec& d) const {
@@ -113,16 +107,17 @@ class GeluForm {
     act = a;
     d = g;
   }
+
+ private:
+  GeluTable table_;
 #else
+  explicit GeluForm(bool tanh_form) : tanh_form_(tanh_form) {}
   fVec operator()(const fVec& x) const { return gelu(x, tanh_form_); }
   fVec grad(const fVec& x) const { return dgelu(x, tanh_form_); }
   void both(const fVec& x, fVec& act, fVec& d) const { gelu_and_grad(x, tanh_form_, act, d); }
-#endif
 
  private:
   bool tanh_form_;
-#if defined(CPU_CAPABILITY_AVX512)
-  GeluTable table_;
 #endif
 };
 

@@ -217,14 +217,6 @@ MMFAST_GELU_TABLE_TARGET inline __m512 gelu_by_table(__m512 x, const GeluTable& 
   return _mm512_mul_ps(x, _mm512_mask_sub_ps(gate, positive, _mm512_set1_ps(1.0f), gate));
 }
 
-MMFAST_GELU_TABLE_TARGET inline __m512 gelu_grad_by_table(__m512 x, const GeluTable& tab) {
-  const GeluTablePoint p(x);
-  const __m512 gate = _mm512_maskz_mov_ps(p.inside, p.eval(tab.gate));
-  const __m512 q = _mm512_fmadd_ps(p.y, _mm512_maskz_mov_ps(p.inside, p.eval(tab.grad)), gate);
-  const __mmask16 positive = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ);
-  return _mm512_mask_sub_ps(q, positive, _mm512_set1_ps(1.0f), q);
-}
-
 MMFAST_GELU_TABLE_TARGET inline void gelu_and_grad_by_table(__m512 x, const GeluTable& tab,
                                                             __m512& act, __m512& d) {
   const GeluTablePoint p(x);
@@ -234,6 +226,13 @@ MMFAST_GELU_TABLE_TARGET inline void gelu_and_grad_by_table(__m512 x, const Gelu
   act = _mm512_mul_ps(x, _mm512_mask_sub_ps(gate, positive, one, gate));
   const __m512 q = _mm512_fmadd_ps(p.y, _mm512_maskz_mov_ps(p.inside, p.eval(tab.grad)), gate);
   d = _mm512_mask_sub_ps(q, positive, one, q);
+}
+
+// gelu' alone: the compiler drops the unused activation.
+MMFAST_GELU_TABLE_TARGET inline __m512 gelu_grad_by_table(__m512 x, const GeluTable& tab) {
+  __m512 act, d;
+  gelu_and_grad_by_table(x, tab, act, d);
+  return d;
 }
 
 #undef MMFAST_GELU_TABLE_TARGET
