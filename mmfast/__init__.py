@@ -23,7 +23,8 @@ def cpu_isa() -> str:
 def cpu_bf16_gemm() -> str:
     """What runs the projector's bfloat16 GEMMs on CPU: mmfast's vdpbf16ps tiles (avx512_bf16
     without AMX) or ATen (AMX-BF16 CPUs, where oneDNN's AMX GEMMs are faster; CPUs or builds
-    without avx512_bf16)."""
+    without avx512_bf16). The environment variable MMFAST_CPU_BF16_GEMM (auto, tiles, aten; read
+    once) overrides that rule where the tiles can run, for tests and measurements."""
     return torch.ops.mmfast._cpu_bf16_gemm()
 
 

@@ -47,37 +47,51 @@ Isa active_isa() {
 
 namespace {
 
-enum class Bf16Gemm { kTiles, kAtenAmx, kAtenNoBf16 };
+enum class Bf16Gemm { kTiles, kTilesForced, kAtenAmx, kAtenForced, kAtenNoBf16 };
 
+// MMFAST_CPU_BF16_GEMM: unset or "auto" (the rule of bf16_tile_gemm in isa.h), "tiles" (the
+// tiles wherever they can run, AMX CPUs included: lets the tests cover them there) or "aten".
 Bf16Gemm bf16_gemm_choice() {
   static const Bf16Gemm choice = [] {
+    const char* env = std::getenv("MMFAST_CPU_BF16_GEMM");
+    const std::string want = env == nullptr ? "" : env;
+    TORCH_CHECK(want.empty() || want == "auto" || want == "tiles" || want == "aten",
+                "MMFAST_CPU_BF16_GEMM must be one of auto, tiles, aten; got '", want, "'");
+    bool tiles_run = false, amx = false;
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
-    if (active_isa() != Isa::AVX512 || !__builtin_cpu_supports("avx512bf16")) {
-      return Bf16Gemm::kAtenNoBf16;
-    }
+    tiles_run = active_isa() == Isa::AVX512 && __builtin_cpu_supports("avx512bf16");
     // cpuinfo's flags, as ATen reads them.
     const auto caps = at::cpu::get_cpu_capabilities();
-    const auto amx = caps.find("amx_bf16");
-    if (amx != caps.end() && amx->second.isBool() && amx->second.toBool()) {
-      return Bf16Gemm::kAtenAmx;
-    }
-    return Bf16Gemm::kTiles;
-#else
-    return Bf16Gemm::kAtenNoBf16;
+    const auto flag = caps.find("amx_bf16");
+    amx = flag != caps.end() && flag->second.isBool() && flag->second.toBool();
 #endif
+    if (want == "aten") return Bf16Gemm::kAtenForced;
+    if (want == "tiles") {
+      TORCH_CHECK(tiles_run, "MMFAST_CPU_BF16_GEMM=tiles: the vdpbf16ps tiles need the AVX512 "
+                  "build active and a CPU with avx512_bf16 (MMFAST_CPU_ISA: ",
+                  isa_name(active_isa()), ")");
+      return amx ? Bf16Gemm::kTilesForced : Bf16Gemm::kTiles;
+    }
+    if (!tiles_run) return Bf16Gemm::kAtenNoBf16;
+    return amx ? Bf16Gemm::kAtenAmx : Bf16Gemm::kTiles;
   }();
   return choice;
 }
 
 }  // namespace
 
-bool bf16_tile_gemm() { return bf16_gemm_choice() == Bf16Gemm::kTiles; }
+bool bf16_tile_gemm() {
+  const auto c = bf16_gemm_choice();
+  return c == Bf16Gemm::kTiles || c == Bf16Gemm::kTilesForced;
+}
 
 const char* bf16_gemm_path() {
   switch (bf16_gemm_choice()) {
     case Bf16Gemm::kTiles: return "vdpbf16ps tiles (avx512_bf16, no AMX)";
+    case Bf16Gemm::kTilesForced: return "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles; AMX-BF16 here)";
     case Bf16Gemm::kAtenAmx: return "ATen (AMX-BF16)";
+    case Bf16Gemm::kAtenForced: return "ATen (MMFAST_CPU_BF16_GEMM=aten)";
     default: return "ATen (no avx512_bf16 in the active build)";
   }
 }

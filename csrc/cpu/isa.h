@@ -14,6 +14,7 @@ const char* isa_name(Isa isa);
 // AVX512 build is active, the CPU has avx512_bf16 and has no AMX-BF16. Where the CPU has AMX
 // (Intel Xeon from Sapphire Rapids on), ATen's GEMMs run on its tile units through oneDNN,
 // several times faster than any vdpbf16ps loop, so the projector takes the ATen path there.
+// MMFAST_CPU_BF16_GEMM=tiles|aten (read once) overrides the rule where the tiles can run.
 bool bf16_tile_gemm();
 
 // Why bf16_tile_gemm() is true or false, in words (the benchmark table prints it).

@@ -51,19 +51,68 @@ def test_bfloat16_gemm_tiling_edges():
         compare_fwd_bwd(ops.projector, reference.projector, (*args, approximate), dt)
 
 
+def _tiles_can_run():
+    caps = torch.cpu.get_capabilities()
+    return mmfast.cpu_isa() == "avx512" and caps.get("avx512_bf16", False)
+
+
 def test_cpu_bf16_gemm_follows_cpu_flags():
     """The projector's bfloat16 GEMMs run on the vdpbf16ps tiles only in the AVX512 build on a
     CPU with avx512_bf16 and without AMX-BF16; with AMX (oneDNN's tile units are faster) or
-    without avx512_bf16 they go through ATen."""
-    caps = torch.cpu.get_capabilities()
-    if mmfast.cpu_isa() != "avx512" or not caps.get("avx512_bf16", False):
+    without avx512_bf16 they go through ATen. MMFAST_CPU_BF16_GEMM=tiles|aten overrides the
+    rule where the tiles can run."""
+    forced = os.environ.get("MMFAST_CPU_BF16_GEMM", "auto")
+    amx = torch.cpu.get_capabilities().get("amx_bf16", False)
+    if forced == "aten":
+        expected = "ATen (MMFAST_CPU_BF16_GEMM=aten)"
+    elif not _tiles_can_run():
         expected = "ATen (no avx512_bf16 in the active build)"
-    elif caps.get("amx_bf16", False):
+    elif forced == "tiles" and amx:
+        expected = "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles; AMX-BF16 here)"
+    elif amx:
         expected = "ATen (AMX-BF16)"
     else:
         expected = "vdpbf16ps tiles (avx512_bf16, no AMX)"
     assert mmfast.cpu_bf16_gemm() == expected
     assert torch.ops.mmfast._cpu_bf16_tile_gemm() == expected.startswith("vdpbf16ps")
+
+
+# The tests of the vdpbf16ps tile path (packed_gemm): on a CPU whose bfloat16 GEMMs go to ATen
+# by default (AMX), test_bfloat16_tiles_where_aten_is_the_default runs them with the tiles
+# forced, so CI covers the tiles on either kind of machine.
+TILE_PATH_TESTS = [
+    "tests/ops/test_projector.py::test_cpu_bf16_gemm_follows_cpu_flags",
+    "tests/ops/test_projector.py::test_matches_reference_on_samples",
+    "tests/ops/test_projector.py::test_bfloat16_gemm_tiling_edges",
+    "tests/ops/test_projector.py::test_bfloat16_packed_backward_gradients",
+    "tests/ops/test_projector.py::test_bfloat16_packed_backward_over_panels",
+    "tests/ops/test_projector.py::test_bfloat16_packed_forward_over_panels",
+    "tests/ops/test_projector.py::test_bfloat16_gelu_on_every_input",
+    "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples",
+    "tests/ops/test_projector_prepacked.py",
+    "tests/nn/test_projector.py::test_prepack_serves_inference_and_follows_weight_changes",
+]
+
+
+@pytest.mark.skipif(torch.ops.mmfast._cpu_bf16_tile_gemm() or not _tiles_can_run(),
+                    reason="the tile path is this machine's default (its tests run in the suite), "
+                           "or cannot run here")
+def test_bfloat16_tiles_where_aten_is_the_default():
+    """On an AMX CPU (bfloat16 GEMMs through ATen) the vdpbf16ps tiles still run, forced by
+    MMFAST_CPU_BF16_GEMM=tiles: their tests pass there, none skipped."""
+    env = dict(os.environ, MMFAST_CPU_BF16_GEMM="tiles")
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                          *TILE_PATH_TESTS], env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "bfloat16 GEMMs here" not in out.stdout, out.stdout[-3000:]
+
+
+def test_bad_bf16_gemm_choice_is_a_clear_error():
+    env = dict(os.environ, MMFAST_CPU_BF16_GEMM="amx")
+    out = subprocess.run([sys.executable, "-c", "import mmfast; print(mmfast.cpu_bf16_gemm())"],
+                         env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "MMFAST_CPU_BF16_GEMM" in out.stderr, out.stderr[-2000:]
 
 
 def test_bfloat16_without_packed_gemm():
