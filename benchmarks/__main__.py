@@ -183,7 +183,8 @@ def main(argv=None):
     header = (f"mmfast benchmarks, {stamp}, {info['cpu']} ({info['threads']} threads"
               f"{', ' + info['gpu'] if 'gpu' in info else ''}), torch {info['torch']}, "
               f"commit {info['git_commit']}, CPU build {info.get('mmfast_cpu_isa', '?')}, "
-              f"CPU bfloat16 projector GEMMs: {info.get('mmfast_cpu_bf16_gemm', '?')}\n"
+              f"CPU projector GEMMs: bfloat16 {info.get('mmfast_cpu_bf16_gemm', '?')}, "
+              f"float32 {info.get('mmfast_cpu_f32_gemm', '?')}\n"
               "GEMM peak measured here: " + ", ".join(
                   f"{dt} {v:.0f} GFLOP/s" for (_, dt), v in sorted(peaks.items())))
     md = header + "\n\n" + table(rows, peaks) + "\n"

@@ -425,6 +425,7 @@ def machine_info(device: torch.device) -> dict:
         import mmfast
         info["mmfast_cpu_isa"] = mmfast.cpu_isa()
         info["mmfast_cpu_bf16_gemm"] = mmfast.cpu_bf16_gemm()
+        info["mmfast_cpu_f32_gemm"] = mmfast.cpu_f32_gemm()
     except ImportError:
         pass
     try:

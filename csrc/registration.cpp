@@ -17,6 +17,7 @@ namespace {
 std::string cpu_isa() { return mmfast::cpu::isa_name(mmfast::cpu::active_isa()); }
 
 std::string cpu_bf16_gemm() { return mmfast::cpu::bf16_gemm_path(); }
+std::string cpu_f32_gemm() { return mmfast::cpu::f32_gemm_path(); }
 
 bool cpu_bf16_tile_gemm() { return mmfast::cpu::bf16_tile_gemm(); }
 
@@ -35,6 +36,7 @@ TORCH_LIBRARY(mmfast, m) {
   // CPU, whether CUDA C++ kernels were compiled.
   m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_cpu_bf16_gemm() -> str", &cpu_bf16_gemm);
+  m.def("_cpu_f32_gemm() -> str", &cpu_f32_gemm);
   m.def("_cpu_bf16_tile_gemm() -> bool", &cpu_bf16_tile_gemm);
   m.def("_has_cuda_kernels() -> bool", &has_cuda_kernels);
 

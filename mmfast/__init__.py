@@ -28,5 +28,13 @@ def cpu_bf16_gemm() -> str:
     return torch.ops.mmfast._cpu_bf16_gemm()
 
 
-__all__ = ["ops", "reference", "backend", "last_choice", "cpu_isa", "cpu_bf16_gemm"]
+def cpu_f32_gemm() -> str:
+    """What runs the projector's float32 GEMMs on CPU: oneDNN's linear (with the backward's
+    operands made contiguous along K), or ATen's mm (MKL) on Intel CPUs, where it is as fast.
+    The environment variable MMFAST_CPU_F32_GEMM (auto, onednn, mkl; read once) overrides."""
+    return torch.ops.mmfast._cpu_f32_gemm()
+
+
+__all__ = ["ops", "reference", "backend", "last_choice", "cpu_isa", "cpu_bf16_gemm",
+           "cpu_f32_gemm"]
 __version__ = "0.1.0"

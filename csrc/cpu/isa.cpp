@@ -89,10 +89,48 @@ bool bf16_tile_gemm() {
 const char* bf16_gemm_path() {
   switch (bf16_gemm_choice()) {
     case Bf16Gemm::kTiles: return "vdpbf16ps tiles (avx512_bf16, no AMX)";
-    case Bf16Gemm::kTilesForced: return "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles; AMX-BF16 here)";
+    case Bf16Gemm::kTilesForced:
+      return "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles; AMX-BF16 here)";
     case Bf16Gemm::kAtenAmx: return "ATen (AMX-BF16)";
     case Bf16Gemm::kAtenForced: return "ATen (MMFAST_CPU_BF16_GEMM=aten)";
     default: return "ATen (no avx512_bf16 in the active build)";
+  }
+}
+
+namespace {
+
+enum class F32Gemm { kOnednn, kOnednnForced, kMklIntel, kMklForced };
+
+F32Gemm f32_gemm_choice() {
+  static const F32Gemm choice = [] {
+    const char* env = std::getenv("MMFAST_CPU_F32_GEMM");
+    const std::string want = env == nullptr ? "" : env;
+    TORCH_CHECK(want.empty() || want == "auto" || want == "onednn" || want == "mkl",
+                "MMFAST_CPU_F32_GEMM must be one of auto, onednn, mkl; got '", want, "'");
+    if (want == "onednn") return F32Gemm::kOnednnForced;
+    if (want == "mkl") return F32Gemm::kMklForced;
+#if defined(__x86_64__) || defined(_M_X64)
+    __builtin_cpu_init();
+    if (__builtin_cpu_is("intel")) return F32Gemm::kMklIntel;
+#endif
+    return F32Gemm::kOnednn;
+  }();
+  return choice;
+}
+
+}  // namespace
+
+bool f32_gemm_onednn() {
+  const auto c = f32_gemm_choice();
+  return c == F32Gemm::kOnednn || c == F32Gemm::kOnednnForced;
+}
+
+const char* f32_gemm_path() {
+  switch (f32_gemm_choice()) {
+    case F32Gemm::kOnednn: return "oneDNN linear (not an Intel CPU)";
+    case F32Gemm::kOnednnForced: return "oneDNN linear (MMFAST_CPU_F32_GEMM=onednn)";
+    case F32Gemm::kMklIntel: return "ATen mm (MKL; Intel CPU)";
+    default: return "ATen mm (MMFAST_CPU_F32_GEMM=mkl)";
   }
 }
 

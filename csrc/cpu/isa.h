@@ -20,6 +20,15 @@ bool bf16_tile_gemm();
 // Why bf16_tile_gemm() is true or false, in words (the benchmark table prints it).
 const char* bf16_gemm_path();
 
+// Whether the projector's float32 GEMMs go through oneDNN's linear rather than ATen's mm (MKL):
+// on every CPU but Intel's, where MKL's sgemm is Intel's own and oneDNN gains nothing while
+// the backward's transposes for it cost (measurements in projector.cpp). MKL's sgemm ran 9-12%
+// below oneDNN on Zen 4. MMFAST_CPU_F32_GEMM=auto|onednn|mkl (read once) overrides the rule.
+bool f32_gemm_onednn();
+
+// f32_gemm_onednn()'s choice and why, in words (the benchmark table prints it).
+const char* f32_gemm_path();
+
 // Picks the build of one kernel that matches active_isa().
 template <typename Fn>
 Fn pick_isa(Fn generic, Fn avx2, Fn avx512) {

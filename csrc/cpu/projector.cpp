@@ -70,12 +70,15 @@ Tensor contiguous_bias(const std::optional<Tensor>& b) {
 }
 
 // input [M, K] @ weight[N, K]^T (+ bias [N]) -> [M, N] through oneDNN's matmul (the op behind
-// torch.compile's CPU linear fusions), or an undefined tensor where it does not apply. In
-// float32, ATen's mm calls MKL's sgemm, which on this CPU (Zen 4) runs 9-12% below oneDNN at
-// the projector's forward GEMMs and the backward's g w2 (measured side by side: 192 vs 214,
-// 177 vs 196, 191 vs 208 GFLOP/s), and so do the backward's weight-gradient GEMMs when given
-// K-contiguous operands (backward_rows_onednn). bfloat16 and float16 GEMMs already go to
-// oneDNN through ATen.
+// torch.compile's CPU linear fusions), or an undefined tensor where it does not apply: other
+// dtypes, or float32 where f32_gemm_onednn() (isa.h) says no. In float32, ATen's mm calls
+// MKL's sgemm, which on Zen 4 runs 9-12% below oneDNN at the projector's forward GEMMs and
+// the backward's g w2 (measured side by side: 192 vs 214, 177 vs 196, 191 vs 208 GFLOP/s),
+// and so do the backward's weight-gradient GEMMs when given K-contiguous operands
+// (backward_rows_onednn). On an Intel Xeon (Sapphire Rapids class) MKL was as fast or faster
+// (4608 x 4096 x 4096: 229 against 213 GFLOP/s, best of 8), and there the transposes that
+// backward_rows_onednn adds bought nothing: float32 training steps measured 1.05-1.18x
+// eager's time. bfloat16 and float16 GEMMs already go to oneDNN through ATen.
 using OnednnLinear = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
                             c10::string_view, c10::List<std::optional<c10::Scalar>>,
                             std::optional<c10::string_view>);
@@ -98,7 +101,7 @@ const std::optional<c10::TypedOperatorHandle<OnednnLinear>>& onednn_linear_op() 
 
 Tensor onednn_linear(const Tensor& input, const Tensor& weight, const std::optional<Tensor>& bias) {
   if (input.scalar_type() != at::kFloat || input.size(0) == 0 || input.size(1) == 0 ||
-      weight.size(0) == 0) {
+      weight.size(0) == 0 || !f32_gemm_onednn()) {
     return Tensor();
   }
   const auto& op = onednn_linear_op();
@@ -599,7 +602,7 @@ std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Ten
   const int64_t rows = h2.size(0);
   const int64_t cols = h2.size(1);
   if (g.scalar_type() == at::kFloat && rows > 0 && cols > 0 && g.size(1) > 0 &&
-      onednn_linear_op().has_value()) {
+      f32_gemm_onednn() && onednn_linear_op().has_value()) {
     return backward_rows_onednn(g, x2, h2, w1, w2, tanh_form, mask);
   }
   Tensor act = mask[3] ? at::empty_like(h2) : Tensor();
@@ -690,7 +693,7 @@ void copy_text_rows(Tensor& out2, const Tensor& emb2, const std::vector<int64_t>
 }
 
 // out2[rows[k], :] = b2 + act[k] w2^T, in panels of output columns: one GEMM per panel over
-// all rows (second_layer: oneDNN in float32), then its rows copied into place. For float32:
+// all rows (second_layer: oneDNN or MKL in float32), then its rows copied into place. For float32:
 // oneDNN's GEMM takes no output slice, and a GEMM per placeholder run through ATen made
 // MKL's sgemm repack all of w2 per run (+9% at 8 runs of 576 rows, 4096 x 4096); the
 // panel's copy costs less than either.

@@ -108,11 +108,13 @@ def test_bfloat16_tiles_where_aten_is_the_default():
     assert " passed" in out.stdout and "bfloat16 GEMMs here" not in out.stdout, out.stdout[-3000:]
 
 
-def test_bad_bf16_gemm_choice_is_a_clear_error():
-    env = dict(os.environ, MMFAST_CPU_BF16_GEMM="amx")
-    out = subprocess.run([sys.executable, "-c", "import mmfast; print(mmfast.cpu_bf16_gemm())"],
+@pytest.mark.parametrize("variable,query", [("MMFAST_CPU_BF16_GEMM", "cpu_bf16_gemm"),
+                                            ("MMFAST_CPU_F32_GEMM", "cpu_f32_gemm")])
+def test_bad_gemm_choice_is_a_clear_error(variable, query):
+    env = dict(os.environ, **{variable: "amx"})
+    out = subprocess.run([sys.executable, "-c", f"import mmfast; print(mmfast.{query}())"],
                          env=env, capture_output=True, text=True)
-    assert out.returncode != 0 and "MMFAST_CPU_BF16_GEMM" in out.stderr, out.stderr[-2000:]
+    assert out.returncode != 0 and variable in out.stderr, out.stderr[-2000:]
 
 
 def test_bfloat16_without_packed_gemm():
@@ -198,9 +200,11 @@ def test_bfloat16_packed_forward_over_panels(trained):
                                             ((False, False, False, True, True), False),
                                             ((True, True, False, False, False), True)])
 def test_float32_transposing_backward(trained, sliced):
-    """float32 with oneDNN: the backward's pass writes act^T and grad_h^T through tiles of 64 x
-    256, so 2100 tokens (from 2048 w2 is transposed for g w2) end in a partial row tile and
-    hidden 300 in a partial column tile; b1's gradient is summed over blocks of rows."""
+    """float32 (through oneDNN where mmfast.cpu_f32_gemm() says so; the other path is forced by
+    test_float32_on_the_other_gemm_path): oneDNN's backward pass writes act^T and grad_h^T
+    through tiles of 64 x 256, so 2100 tokens (from 2048 w2 is transposed for g w2) end in a
+    partial row tile and hidden 300 in a partial column tile; b1's gradient is summed over
+    blocks of rows."""
     dt = torch.float32
     x = torch.randn(2100, 43, dtype=dt)
     x = x[:, 1:41] if sliced else x[:, :40].contiguous()
@@ -217,12 +221,46 @@ def test_float32_transposing_backward_each_isa(isa):
     MMFAST_CPU_ISA; the rest of the suite runs the best build this CPU has."""
     tests = ["tests/ops/test_projector.py::test_float32_transposing_backward",
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype0]"]
-    env = dict(os.environ, MMFAST_CPU_ISA=isa)
+    env = dict(os.environ, MMFAST_CPU_ISA=isa, MMFAST_CPU_F32_GEMM="onednn")
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
                          env=env, capture_output=True, text=True,
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "6 passed" in out.stdout, out.stdout[-3000:]
+
+
+def test_cpu_f32_gemm_follows_cpu_vendor():
+    """float32 GEMMs go through oneDNN's linear except on Intel CPUs, where ATen's mm (MKL) is
+    as fast; MMFAST_CPU_F32_GEMM=onednn|mkl overrides."""
+    forced = os.environ.get("MMFAST_CPU_F32_GEMM", "auto")
+    intel = "GenuineIntel" in open("/proc/cpuinfo").read() if sys.platform == "linux" else None
+    if forced == "onednn":
+        expected = "oneDNN linear (MMFAST_CPU_F32_GEMM=onednn)"
+    elif forced == "mkl":
+        expected = "ATen mm (MMFAST_CPU_F32_GEMM=mkl)"
+    elif intel is None:
+        pytest.skip("CPU vendor read from /proc/cpuinfo")
+    else:
+        expected = "ATen mm (MKL; Intel CPU)" if intel else "oneDNN linear (not an Intel CPU)"
+    assert mmfast.cpu_f32_gemm() == expected
+
+
+def test_float32_on_the_other_gemm_path():
+    """The float32 GEMM path this CPU does not take by default (oneDNN with the transposing
+    backward on Intel, MKL elsewhere), forced by MMFAST_CPU_F32_GEMM: forward, backward and
+    splice still match."""
+    other = "mkl" if mmfast.cpu_f32_gemm().startswith("oneDNN") else "onednn"
+    tests = ["tests/ops/test_projector.py::test_cpu_f32_gemm_follows_cpu_vendor",
+             "tests/ops/test_projector.py::test_float32_transposing_backward",
+             "tests/ops/test_projector.py::test_matches_reference_on_samples[dtype0]",
+             "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype0]",
+             "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype0]"]
+    env = dict(os.environ, MMFAST_CPU_F32_GEMM=other)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                         env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "9 passed" in out.stdout, out.stdout[-3000:]
 
 
 # Every combination of frozen / trained inputs (x, w1, b1, w2, b2).
