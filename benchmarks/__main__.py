@@ -184,7 +184,8 @@ def main(argv=None):
               f"{', ' + info['gpu'] if 'gpu' in info else ''}), torch {info['torch']}, "
               f"commit {info['git_commit']}, CPU build {info.get('mmfast_cpu_isa', '?')}, "
               f"CPU projector GEMMs: bfloat16 {info.get('mmfast_cpu_bf16_gemm', '?')}, "
-              f"float32 {info.get('mmfast_cpu_f32_gemm', '?')}\n"
+              f"float32 {info.get('mmfast_cpu_f32_gemm', '?')}; CPU cross_attention bfloat16 "
+              f"forward: {info.get('mmfast_cpu_xattn_bf16', '?')}\n"
               "GEMM peak measured here: " + ", ".join(
                   f"{dt} {v:.0f} GFLOP/s" for (_, dt), v in sorted(peaks.items())))
     md = header + "\n\n" + table(rows, peaks) + "\n"

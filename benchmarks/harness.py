@@ -426,6 +426,7 @@ def machine_info(device: torch.device) -> dict:
         info["mmfast_cpu_isa"] = mmfast.cpu_isa()
         info["mmfast_cpu_bf16_gemm"] = mmfast.cpu_bf16_gemm()
         info["mmfast_cpu_f32_gemm"] = mmfast.cpu_f32_gemm()
+        info["mmfast_cpu_xattn_bf16"] = mmfast.cpu_xattn_bf16()
     except ImportError:
         pass
     try:

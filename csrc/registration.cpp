@@ -18,6 +18,7 @@ std::string cpu_isa() { return mmfast::cpu::isa_name(mmfast::cpu::active_isa());
 
 std::string cpu_bf16_gemm() { return mmfast::cpu::bf16_gemm_path(); }
 std::string cpu_f32_gemm() { return mmfast::cpu::f32_gemm_path(); }
+std::string cpu_xattn_bf16() { return mmfast::cpu::xattn_bf16_path(); }
 
 bool cpu_bf16_tile_gemm() { return mmfast::cpu::bf16_tile_gemm(); }
 
@@ -37,6 +38,7 @@ TORCH_LIBRARY(mmfast, m) {
   m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_cpu_bf16_gemm() -> str", &cpu_bf16_gemm);
   m.def("_cpu_f32_gemm() -> str", &cpu_f32_gemm);
+  m.def("_cpu_xattn_bf16() -> str", &cpu_xattn_bf16);
   m.def("_cpu_bf16_tile_gemm() -> bool", &cpu_bf16_tile_gemm);
   m.def("_has_cuda_kernels() -> bool", &has_cuda_kernels);
 

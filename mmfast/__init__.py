@@ -35,6 +35,13 @@ def cpu_f32_gemm() -> str:
     return torch.ops.mmfast._cpu_f32_gemm()
 
 
+def cpu_xattn_bf16() -> str:
+    """What runs cross_attention's bfloat16 forward tile GEMMs on CPU: bfloat16 brgemm (AMX
+    CPUs) or float32 GEMMs on widened tiles. MMFAST_CPU_XATTN_BF16 (auto, brgemm, widen; read
+    once) overrides."""
+    return torch.ops.mmfast._cpu_xattn_bf16()
+
+
 __all__ = ["ops", "reference", "backend", "last_choice", "cpu_isa", "cpu_bf16_gemm",
-           "cpu_f32_gemm"]
+           "cpu_f32_gemm", "cpu_xattn_bf16"]
 __version__ = "0.1.0"

@@ -30,9 +30,10 @@ constexpr int64_t kMaxMedia = int64_t{1} << 24;
 constexpr int64_t kBlockM = 64;
 // Key block columns. With media masks, 64: Flamingo resamples each image to 64 latents, so
 // blocks follow image boundaries and skipping is exact. Without, fewer and larger GEMM calls
-// (each call has a fixed cost) and fewer output rescalings.
-int64_t key_block(bool media, int64_t Lk) {
-  return media ? 64 : std::clamp<int64_t>(Lk, 64, 256);
+// (each call has a fixed cost) and fewer output rescalings: up to 256 keys, up to 512 for the
+// bfloat16 brgemm forward (AMX), whose calls cost more than the float32 GEMMs' at equal work.
+int64_t key_block(bool media, int64_t Lk, bool bf16_brgemm) {
+  return media ? 64 : std::clamp<int64_t>(Lk, 64, bf16_brgemm ? 512 : 256);
 }
 
 // Last dim contiguous and rows at least D apart (what the tile GEMMs read); anything else is
@@ -94,11 +95,11 @@ struct MaskPlan {
 MaskPlan plan_mask(const char* op, int64_t B, int64_t Lq, int64_t Lk, bool immediate,
                    const std::optional<at::Tensor>& kv_lens,
                    const std::optional<at::Tensor>& q_media,
-                   const std::optional<at::Tensor>& kv_media) {
+                   const std::optional<at::Tensor>& kv_media, bool bf16_brgemm = false) {
   MaskPlan m;
   const bool media = q_media.has_value();
   m.immediate = media && immediate;
-  m.block_n = key_block(media, Lk);
+  m.block_n = key_block(media, Lk, bf16_brgemm);
   const int64_t block_n = m.block_n;
   m.qcode.assign(B * Lq, 0.f);
   m.kcode.assign(B * Lk, 0.f);
@@ -211,13 +212,19 @@ std::tuple<at::Tensor, at::Tensor> cross_attention_cpu(
                                                     kv_media, media_mode);
   const auto q = gemm_ready(q_in), k = gemm_ready(k_in), v = gemm_ready(v_in);
   const int64_t B = q.size(0), Lq = q.size(1), Hq = q.size(2), D = q.size(3), Lk = k.size(1);
-  const MaskPlan m = plan_mask(op, B, Lq, Lk, immediate, kv_lens, q_media, kv_media);
+  // The brgemm forward reads K's rows as 32-bit pairs: D, K's strides and start even.
+  const bool bf16_brgemm =
+      q.scalar_type() == at::kBFloat16 && xattn_bf16_brgemm() && D % 2 == 0 &&
+      row_stride(k) % 2 == 0 && k.stride(0) % 2 == 0 && k.stride(2) % 2 == 0 &&
+      reinterpret_cast<uintptr_t>(k.const_data_ptr()) % 4 == 0;
+  const MaskPlan m = plan_mask(op, B, Lq, Lk, immediate, kv_lens, q_media, kv_media, bf16_brgemm);
   auto out = at::empty({B, Lq, Hq, D}, q.options());
   auto lse = at::empty({B, Hq, Lq}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse.fill_(-kInf)};
   const XattnProblem p = make_problem(q, k, &v, m, resolve_scale(scale, D));
   XattnForwardArgs a{p, forward_tiles_per_task(p, q_media.has_value()), true,
                      out.mutable_data_ptr(), lse.mutable_data_ptr<float>()};
+  a.bf16_brgemm = bf16_brgemm;
   run_tasks([&](std::atomic<int64_t>* next) { MMFAST_PICK_ISA(xattn_forward_tasks)(a, next); });
   return {out, lse};
 }

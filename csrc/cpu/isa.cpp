@@ -1,6 +1,7 @@
 #include "cpu/isa.h"
 
 #include <ATen/cpu/Utils.h>
+#include <ATen/native/CPUBlas.h>
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
@@ -131,6 +132,40 @@ const char* f32_gemm_path() {
     case F32Gemm::kOnednnForced: return "oneDNN linear (MMFAST_CPU_F32_GEMM=onednn)";
     case F32Gemm::kMklIntel: return "ATen mm (MKL; Intel CPU)";
     default: return "ATen mm (MMFAST_CPU_F32_GEMM=mkl)";
+  }
+}
+
+namespace {
+
+enum class XattnBf16 { kBrgemmAmx, kBrgemmForced, kWiden, kWidenForced };
+
+XattnBf16 xattn_bf16_choice() {
+  static const XattnBf16 choice = [] {
+    const char* env = std::getenv("MMFAST_CPU_XATTN_BF16");
+    const std::string want = env == nullptr ? "" : env;
+    TORCH_CHECK(want.empty() || want == "auto" || want == "brgemm" || want == "widen",
+                "MMFAST_CPU_XATTN_BF16 must be one of auto, brgemm, widen; got '", want, "'");
+    if (want == "brgemm") return XattnBf16::kBrgemmForced;
+    if (want == "widen") return XattnBf16::kWidenForced;
+    return at::native::cpublas::could_pack(at::kBFloat16) ? XattnBf16::kBrgemmAmx
+                                                           : XattnBf16::kWiden;
+  }();
+  return choice;
+}
+
+}  // namespace
+
+bool xattn_bf16_brgemm() {
+  const auto c = xattn_bf16_choice();
+  return c == XattnBf16::kBrgemmAmx || c == XattnBf16::kBrgemmForced;
+}
+
+const char* xattn_bf16_path() {
+  switch (xattn_bf16_choice()) {
+    case XattnBf16::kBrgemmAmx: return "bfloat16 brgemm (AMX)";
+    case XattnBf16::kBrgemmForced: return "bfloat16 brgemm (MMFAST_CPU_XATTN_BF16=brgemm)";
+    case XattnBf16::kWiden: return "float32 GEMMs on widened tiles (no AMX)";
+    default: return "float32 GEMMs on widened tiles (MMFAST_CPU_XATTN_BF16=widen)";
   }
 }
 

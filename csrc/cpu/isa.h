@@ -29,6 +29,14 @@ bool f32_gemm_onednn();
 // f32_gemm_onednn()'s choice and why, in words (the benchmark table prints it).
 const char* f32_gemm_path();
 
+// Whether cross_attention's bfloat16 forward runs its tile GEMMs on bfloat16 operands through
+// ATen's brgemm (AMX tiles) rather than in float32 on widened copies: where the CPU has AMX
+// (cpublas::could_pack), on which SDPA's bfloat16 forward otherwise ran up to 3x faster than
+// ours. Without AMX the float32 GEMMs are faster. MMFAST_CPU_XATTN_BF16=auto|brgemm|widen
+// (read once) overrides.
+bool xattn_bf16_brgemm();
+const char* xattn_bf16_path();
+
 // Picks the build of one kernel that matches active_isa().
 template <typename Fn>
 Fn pick_isa(Fn generic, Fn avx2, Fn avx512) {

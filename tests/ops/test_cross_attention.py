@@ -1,6 +1,10 @@
 """mmfast.ops.cross_attention on CPU against the float64 reference, open_flamingo's masking,
 opcheck, torch.compile, determinism and argument errors."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -293,3 +297,39 @@ def test_triton_chooser_reasons():
     q = torch.randn(1, 2, 1, 512)
     reasons = FORWARD_IMPLS[0].reasons(q, q)
     assert any("head dim 512" in r for r in reasons)
+
+
+def test_cpu_xattn_bf16_path_follows_amx():
+    """bfloat16 forward tiles through bfloat16 brgemm where the CPU has AMX (oneDNN's AMX
+    kernels), else float32 GEMMs on widened tiles; MMFAST_CPU_XATTN_BF16=brgemm|widen
+    overrides."""
+    forced = os.environ.get("MMFAST_CPU_XATTN_BF16", "auto")
+    if forced == "brgemm":
+        expected = "bfloat16 brgemm (MMFAST_CPU_XATTN_BF16=brgemm)"
+    elif forced == "widen":
+        expected = "float32 GEMMs on widened tiles (MMFAST_CPU_XATTN_BF16=widen)"
+    elif torch.cpu.get_capabilities().get("amx_bf16", False):
+        expected = "bfloat16 brgemm (AMX)"
+    else:
+        expected = "float32 GEMMs on widened tiles (no AMX)"
+    assert mmfast.cpu_xattn_bf16() == expected
+
+
+def test_bfloat16_forward_on_the_other_path():
+    """The bfloat16 forward path this CPU does not take by default (brgemm on VNNI-packed K
+    and V without AMX, widened float32 tiles with it), forced by MMFAST_CPU_XATTN_BF16: the
+    bfloat16 tests pass there too."""
+    other = "widen" if mmfast.cpu_xattn_bf16().startswith("bfloat16 brgemm") else "brgemm"
+    tests = ["tests/ops/test_cross_attention.py::test_cpu_xattn_bf16_path_follows_amx",
+             "tests/ops/test_cross_attention.py::test_forward_and_gradients_match_reference"
+             "[torch.bfloat16]",
+             "tests/ops/test_cross_attention.py::test_no_allowed_key_gives_exact_zero_and_neg_inf"
+             "[torch.bfloat16]",
+             "tests/ops/test_cross_attention.py::test_extreme_magnitudes[torch.bfloat16]",
+             "tests/ops/test_cross_attention.py::test_backward_is_deterministic[torch.bfloat16]"]
+    env = dict(os.environ, MMFAST_CPU_XATTN_BF16=other)
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+                         env=env, capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert "5 passed" in out.stdout, out.stdout[-3000:]

@@ -109,7 +109,8 @@ def test_bfloat16_tiles_where_aten_is_the_default():
 
 
 @pytest.mark.parametrize("variable,query", [("MMFAST_CPU_BF16_GEMM", "cpu_bf16_gemm"),
-                                            ("MMFAST_CPU_F32_GEMM", "cpu_f32_gemm")])
+                                            ("MMFAST_CPU_F32_GEMM", "cpu_f32_gemm"),
+                                            ("MMFAST_CPU_XATTN_BF16", "cpu_xattn_bf16")])
 def test_bad_gemm_choice_is_a_clear_error(variable, query):
     env = dict(os.environ, **{variable: "amx"})
     out = subprocess.run([sys.executable, "-c", f"import mmfast; print(mmfast.{query}())"],

@@ -9,6 +9,11 @@
 #include "common/ceil_div.h"
 #include "cpu/vec/cross_attention.h"
 #include "cpu/vec/dispatch.h"
+#include "cpu/vec/transpose.h"
+
+#if defined(CPU_CAPABILITY_AVX512)
+#include <immintrin.h>
+#endif
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -207,6 +212,43 @@ inline void load_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, floa
   }
 }
 
+// rows [N, D] of bfloat16 V (row stride ld) -> packed [ceil(N / 2), D, 2], the VNNI layout of
+// P V's B operand: packed[j][d][e] = V[2 j + e][d] (a zero row past N).
+inline void pack_rows_vnni(const c10::BFloat16* v, int64_t ld, int64_t N, int64_t D,
+                           c10::BFloat16* packed) {
+#if defined(CPU_CAPABILITY_AVX512)
+  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37,
+                                                  6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43,
+                                                  12, 44, 13, 45, 14, 46, 15, 47};
+  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
+                                                  53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
+                                                  27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
+  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
+  for (int64_t j = 0; j < N; j += 2) {
+    const c10::BFloat16* r0 = v + j * ld;
+    const c10::BFloat16* r1 = j + 1 < N ? r0 + ld : nullptr;
+    c10::BFloat16* d = packed + j * D;
+    for (int64_t c = 0; c < D; c += 32) {
+      const int64_t len = std::min<int64_t>(32, D - c);
+      const __mmask32 m = len == 32 ? ~__mmask32(0) : (__mmask32(1) << len) - 1;
+      const __m512i a = _mm512_maskz_loadu_epi16(m, r0 + c);
+      const __m512i b = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + c) : _mm512_setzero_si512();
+      const __mmask32 m_lo = len >= 16 ? ~__mmask32(0) : (__mmask32(1) << (2 * len)) - 1;
+      const __mmask32 m_hi = len > 16 ? (len == 32 ? ~__mmask32(0) : (__mmask32(1) << (2 * (len - 16))) - 1) : 0;
+      _mm512_mask_storeu_epi16(d + 2 * c, m_lo, _mm512_permutex2var_epi16(a, lo, b));
+      if (m_hi != 0) _mm512_mask_storeu_epi16(d + 2 * c + 32, m_hi, _mm512_permutex2var_epi16(a, hi, b));
+    }
+  }
+#else
+  for (int64_t j = 0; j < N; j += 2) {
+    for (int64_t d = 0; d < D; ++d) {
+      packed[j * D + 2 * d] = v[j * ld + d];
+      packed[j * D + 2 * d + 1] = j + 1 < N ? v[(j + 1) * ld + d] : c10::BFloat16(0.f);
+    }
+  }
+#endif
+}
+
 // Storage type T, all tile GEMMs in float32: 16-bit tiles are widened in cache (Q once per
 // tile, K and V once per block and task). Without AMX (could_pack() false here) ATen's
 // bf16/fp16 brgemm runs well below the float32 GEMM rate, and widening costs a few percent of a
@@ -223,6 +265,13 @@ void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
   std::vector<float> S(BM * BN), O(a.with_values ? G * BM * D : 0), m(G * BM), l(G * BM);
   std::vector<float> orow(D), Kt(D * BN), Qf(kFloat ? 0 : G * BM * D), Vf(kFloat ? 0 : BN * D);
   std::vector<T> KtT(kFloat ? 0 : D * BN);
+  // a.bf16_brgemm: Kᵀ and V of the block in the VNNI layout, P rounded to bfloat16 (padded to
+  // an even key count: the zero column meets V's zero row).
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const bool vnni = kBf16 && a.bf16_brgemm;
+  const int64_t BNe = BN + BN % 2;
+  std::vector<T> KtP(vnni ? D * BN : 0), VP(vnni && a.with_values ? BNe * D : 0),
+      Pb(vnni && a.with_values ? BM * BNe : 0);
   std::vector<Rel> rel(G);
   std::vector<char> q_loaded(G);
   for (int64_t t; (t = next->fetch_add(1)) < ntasks;) {
@@ -247,7 +296,15 @@ void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
       const int64_t j0 = kb * BN, N = std::min(BN, p.Lk - j0);
       // Kᵀ of this block, transposed here in cache: a transposed copy of all of K up front
       // would be one more pass over memory, which costs as much as the GEMMs at these sizes.
-      if constexpr (kFloat) {
+      const int64_t Ne = N + N % 2;
+      if (vnni) {
+        // K's rows read as 32-bit pairs and transposed: Kᵀ as [D / 2, N, 2], the VNNI layout.
+        transpose32(k + j0 * p.k_sl, p.k_sl / 2, KtP.data(), N, N, D / 2);
+        if (a.with_values) {
+          pack_rows_vnni(reinterpret_cast<const c10::BFloat16*>(v + j0 * p.v_sl), p.v_sl, N, D,
+                         reinterpret_cast<c10::BFloat16*>(VP.data()));
+        }
+      } else if constexpr (kFloat) {
         transpose_block(k + j0 * p.k_sl, p.k_sl, Kt.data(), BN, N, D);
       } else {
         transpose_block(k + j0 * p.k_sl, p.k_sl, KtT.data(), BN, N, D);
@@ -256,7 +313,7 @@ void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
       const float* vf = reinterpret_cast<const float*>(v + j0 * p.v_sl);
       int64_t ld_v = p.v_sl;
       if constexpr (!kFloat) {
-        if (a.with_values) {
+        if (a.with_values && !vnni) {
           load_rows(v + j0 * p.v_sl, p.v_sl, N, D, Vf.data());
           vf = Vf.data();
           ld_v = D;
@@ -268,15 +325,22 @@ void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
         const T* q = ptr<T>(p.q) + b * p.q_sb + i0 * p.q_sl + h * p.q_sh;
         const float* qf = reinterpret_cast<const float*>(q);
         int64_t ld_q = p.q_sl;
-        if constexpr (!kFloat) {
-          qf = Qf.data() + g * BM * D;
-          ld_q = D;
-          if (!q_loaded[g]) {
-            load_rows(q, p.q_sl, M, D, Qf.data() + g * BM * D);
-            q_loaded[g] = 1;
+        if (vnni) {
+          at::native::cpublas::brgemm(M, N, D, p.q_sl, N, BN, false,
+                                      reinterpret_cast<const c10::BFloat16*>(q),
+                                      reinterpret_cast<const c10::BFloat16*>(KtP.data()),
+                                      S.data(), /*is_vnni=*/true);
+        } else {
+          if constexpr (!kFloat) {
+            qf = Qf.data() + g * BM * D;
+            ld_q = D;
+            if (!q_loaded[g]) {
+              load_rows(q, p.q_sl, M, D, Qf.data() + g * BM * D);
+              q_loaded[g] = 1;
+            }
           }
+          gemm<float>(M, N, D, qf, ld_q, Kt.data(), BN, S.data(), BN, false);
         }
-        gemm<float>(M, N, D, qf, ld_q, Kt.data(), BN, S.data(), BN, false);
         const float* qc = p.qcode + b * p.Lq + i0;
         const float* kc = rel[g] == Rel::Partial ? p.kcode + b * p.Lk + j0 : nullptr;
         float* Og = O.data() + g * BM * D;
@@ -286,7 +350,19 @@ void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
                                                  m[g * BM + r], l[g * BM + r]);
           if (a.with_values && alpha != 1.f) scale_row(Og + r * D, D, alpha);
         }
-        if (a.with_values) gemm<float>(M, D, N, S.data(), BN, vf, ld_v, Og, D, true);
+        if (a.with_values && vnni) {
+          for (int64_t r = 0; r < M; ++r) {
+            T* prow = Pb.data() + r * Ne;
+            store_row(S.data() + r * BN, prow, N);
+            if (Ne > N) prow[N] = T(0.f);
+          }
+          at::native::cpublas::brgemm(M, D, Ne, Ne, D, D, true,
+                                      reinterpret_cast<const c10::BFloat16*>(Pb.data()),
+                                      reinterpret_cast<const c10::BFloat16*>(VP.data()), Og,
+                                      /*is_vnni=*/true);
+        } else if (a.with_values) {
+          gemm<float>(M, D, N, S.data(), BN, vf, ld_v, Og, D, true);
+        }
       }
     }
     const int64_t i0 = qt0 * BM;
@@ -304,6 +380,7 @@ void forward_impl(const XattnForwardArgs& a, std::atomic<int64_t>* next) {
       store_row(orow.data(), out, D);
     }
   }
+  if (vnni) at::native::cpublas::brgemm_release(/*is_vnni=*/true);
 }
 
 // lse of a query tile with -inf (no allowed key) turned into +inf so that exp(s - lse) is 0.

@@ -50,6 +50,11 @@ struct XattnForwardArgs {
   bool with_values;            // false: only lse (key_attention_mass's first pass)
   void* out;                   // [B, Lq, Hq, D] contiguous, input dtype
   float* lse;                  // [B, Hq, Lq]
+  // bfloat16 q, k, v: tile GEMMs on bfloat16 operands (K and V packed into the VNNI layout,
+  // probabilities rounded to bfloat16 for P V) through brgemm, which runs on AMX where the
+  // CPU has it, instead of float32 GEMMs on widened copies. Needs D, the key and value row
+  // strides even and k, v 4-byte aligned (the caller checks); AVX512 build only.
+  bool bf16_brgemm = false;
 };
 
 // Backward: p holds q, k, v in their own dtype; out and dout share it, as do dq, dk, dv.
