@@ -2,6 +2,9 @@
 and an assert that shows where tensors differ."""
 
 import importlib
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -97,3 +100,12 @@ def assert_attention_close(ours: torch.Tensor, torch_same_dtype: torch.Tensor,
     torch_err = max_err(torch_same_dtype, ref64)
     assert ours_err <= 2 * torch_err + floor, (
         f"{name}: error {ours_err:.3g} > 2 * torch's {torch_err:.3g} + {floor:g}")
+
+
+def run_pytest(tests: list, **env) -> subprocess.CompletedProcess:
+    """pytest on `tests` in a fresh process with the environment variables `env` set (the
+    kernel-path overrides are read once per process), from the repository root."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
+                           *tests], env=dict(os.environ, **env), capture_output=True, text=True,
+                          cwd=root)

@@ -5,6 +5,7 @@
 #include <c10/util/Exception.h>
 
 #include <cstdlib>
+#include <initializer_list>
 #include <string>
 
 namespace mmfast::cpu {
@@ -48,16 +49,31 @@ Isa active_isa() {
 
 namespace {
 
-enum class Bf16Gemm { kTiles, kTilesForced, kAtenAmx, kAtenForced, kAtenNoBf16 };
+// A kernel path chosen once per process: whether it is taken, and why, in words.
+struct PathChoice {
+  bool taken;
+  const char* why;
+};
 
-// MMFAST_CPU_BF16_GEMM: unset or "auto" (the rule of bf16_tile_gemm in isa.h), "tiles" (the
-// tiles wherever they can run, AMX CPUs included: lets the tests cover them there) or "aten".
-Bf16Gemm bf16_gemm_choice() {
-  static const Bf16Gemm choice = [] {
-    const char* env = std::getenv("MMFAST_CPU_BF16_GEMM");
-    const std::string want = env == nullptr ? "" : env;
-    TORCH_CHECK(want.empty() || want == "auto" || want == "tiles" || want == "aten",
-                "MMFAST_CPU_BF16_GEMM must be one of auto, tiles, aten; got '", want, "'");
+// The value of the environment variable `variable` overriding a path choice: "auto" when unset
+// or empty, else one of `choices` (a clear error otherwise).
+std::string path_override(const char* variable, std::initializer_list<const char*> choices) {
+  const char* env = std::getenv(variable);
+  const std::string want = env == nullptr || *env == '\0' ? "auto" : env;
+  std::string listed = "auto";
+  for (const char* c : choices) {
+    if (want == c) return want;
+    listed += std::string(", ") + c;
+  }
+  TORCH_CHECK(want == "auto", variable, " must be one of ", listed, "; got '", want, "'");
+  return want;
+}
+
+// bf16_tile_gemm(): MMFAST_CPU_BF16_GEMM=tiles takes the tiles wherever they can run (AMX CPUs
+// included: lets the tests cover them there), =aten never.
+PathChoice bf16_gemm_choice() {
+  static const PathChoice choice = [] {
+    const std::string want = path_override("MMFAST_CPU_BF16_GEMM", {"tiles", "aten"});
     bool tiles_run = false, amx = false;
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
@@ -67,107 +83,58 @@ Bf16Gemm bf16_gemm_choice() {
     const auto flag = caps.find("amx_bf16");
     amx = flag != caps.end() && flag->second.isBool() && flag->second.toBool();
 #endif
-    if (want == "aten") return Bf16Gemm::kAtenForced;
+    if (want == "aten") return PathChoice{false, "ATen (MMFAST_CPU_BF16_GEMM=aten)"};
     if (want == "tiles") {
       TORCH_CHECK(tiles_run, "MMFAST_CPU_BF16_GEMM=tiles: the vdpbf16ps tiles need the AVX512 "
                   "build active and a CPU with avx512_bf16 (MMFAST_CPU_ISA: ",
                   isa_name(active_isa()), ")");
-      return amx ? Bf16Gemm::kTilesForced : Bf16Gemm::kTiles;
+      if (amx) {
+        return PathChoice{true, "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles; AMX-BF16 here)"};
+      }
     }
-    if (!tiles_run) return Bf16Gemm::kAtenNoBf16;
-    return amx ? Bf16Gemm::kAtenAmx : Bf16Gemm::kTiles;
+    if (!tiles_run) return PathChoice{false, "ATen (no avx512_bf16 in the active build)"};
+    if (amx && want == "auto") return PathChoice{false, "ATen (AMX-BF16)"};
+    return PathChoice{true, "vdpbf16ps tiles (avx512_bf16, no AMX)"};
   }();
   return choice;
 }
 
-}  // namespace
-
-bool bf16_tile_gemm() {
-  const auto c = bf16_gemm_choice();
-  return c == Bf16Gemm::kTiles || c == Bf16Gemm::kTilesForced;
-}
-
-const char* bf16_gemm_path() {
-  switch (bf16_gemm_choice()) {
-    case Bf16Gemm::kTiles: return "vdpbf16ps tiles (avx512_bf16, no AMX)";
-    case Bf16Gemm::kTilesForced:
-      return "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles; AMX-BF16 here)";
-    case Bf16Gemm::kAtenAmx: return "ATen (AMX-BF16)";
-    case Bf16Gemm::kAtenForced: return "ATen (MMFAST_CPU_BF16_GEMM=aten)";
-    default: return "ATen (no avx512_bf16 in the active build)";
-  }
-}
-
-namespace {
-
-enum class F32Gemm { kOnednn, kOnednnForced, kMklIntel, kMklForced };
-
-F32Gemm f32_gemm_choice() {
-  static const F32Gemm choice = [] {
-    const char* env = std::getenv("MMFAST_CPU_F32_GEMM");
-    const std::string want = env == nullptr ? "" : env;
-    TORCH_CHECK(want.empty() || want == "auto" || want == "onednn" || want == "mkl",
-                "MMFAST_CPU_F32_GEMM must be one of auto, onednn, mkl; got '", want, "'");
-    if (want == "onednn") return F32Gemm::kOnednnForced;
-    if (want == "mkl") return F32Gemm::kMklForced;
+PathChoice f32_gemm_choice() {
+  static const PathChoice choice = [] {
+    const std::string want = path_override("MMFAST_CPU_F32_GEMM", {"onednn", "mkl"});
+    if (want == "onednn") return PathChoice{true, "oneDNN linear (MMFAST_CPU_F32_GEMM=onednn)"};
+    if (want == "mkl") return PathChoice{false, "ATen mm (MMFAST_CPU_F32_GEMM=mkl)"};
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
-    if (__builtin_cpu_is("intel")) return F32Gemm::kMklIntel;
+    if (__builtin_cpu_is("intel")) return PathChoice{false, "ATen mm (MKL; Intel CPU)"};
 #endif
-    return F32Gemm::kOnednn;
+    return PathChoice{true, "oneDNN linear (not an Intel CPU)"};
+  }();
+  return choice;
+}
+
+PathChoice xattn_bf16_choice() {
+  static const PathChoice choice = [] {
+    const std::string want = path_override("MMFAST_CPU_XATTN_BF16", {"brgemm", "widen"});
+    if (want == "brgemm") return PathChoice{true, "bfloat16 brgemm (MMFAST_CPU_XATTN_BF16=brgemm)"};
+    if (want == "widen") {
+      return PathChoice{false, "float32 GEMMs on widened tiles (MMFAST_CPU_XATTN_BF16=widen)"};
+    }
+    return at::native::cpublas::could_pack(at::kBFloat16)
+               ? PathChoice{true, "bfloat16 brgemm (AMX)"}
+               : PathChoice{false, "float32 GEMMs on widened tiles (no AMX)"};
   }();
   return choice;
 }
 
 }  // namespace
 
-bool f32_gemm_onednn() {
-  const auto c = f32_gemm_choice();
-  return c == F32Gemm::kOnednn || c == F32Gemm::kOnednnForced;
-}
-
-const char* f32_gemm_path() {
-  switch (f32_gemm_choice()) {
-    case F32Gemm::kOnednn: return "oneDNN linear (not an Intel CPU)";
-    case F32Gemm::kOnednnForced: return "oneDNN linear (MMFAST_CPU_F32_GEMM=onednn)";
-    case F32Gemm::kMklIntel: return "ATen mm (MKL; Intel CPU)";
-    default: return "ATen mm (MMFAST_CPU_F32_GEMM=mkl)";
-  }
-}
-
-namespace {
-
-enum class XattnBf16 { kBrgemmAmx, kBrgemmForced, kWiden, kWidenForced };
-
-XattnBf16 xattn_bf16_choice() {
-  static const XattnBf16 choice = [] {
-    const char* env = std::getenv("MMFAST_CPU_XATTN_BF16");
-    const std::string want = env == nullptr ? "" : env;
-    TORCH_CHECK(want.empty() || want == "auto" || want == "brgemm" || want == "widen",
-                "MMFAST_CPU_XATTN_BF16 must be one of auto, brgemm, widen; got '", want, "'");
-    if (want == "brgemm") return XattnBf16::kBrgemmForced;
-    if (want == "widen") return XattnBf16::kWidenForced;
-    return at::native::cpublas::could_pack(at::kBFloat16) ? XattnBf16::kBrgemmAmx
-                                                           : XattnBf16::kWiden;
-  }();
-  return choice;
-}
-
-}  // namespace
-
-bool xattn_bf16_brgemm() {
-  const auto c = xattn_bf16_choice();
-  return c == XattnBf16::kBrgemmAmx || c == XattnBf16::kBrgemmForced;
-}
-
-const char* xattn_bf16_path() {
-  switch (xattn_bf16_choice()) {
-    case XattnBf16::kBrgemmAmx: return "bfloat16 brgemm (AMX)";
-    case XattnBf16::kBrgemmForced: return "bfloat16 brgemm (MMFAST_CPU_XATTN_BF16=brgemm)";
-    case XattnBf16::kWiden: return "float32 GEMMs on widened tiles (no AMX)";
-    default: return "float32 GEMMs on widened tiles (MMFAST_CPU_XATTN_BF16=widen)";
-  }
-}
+bool bf16_tile_gemm() { return bf16_gemm_choice().taken; }
+const char* bf16_gemm_path() { return bf16_gemm_choice().why; }
+bool f32_gemm_onednn() { return f32_gemm_choice().taken; }
+const char* f32_gemm_path() { return f32_gemm_choice().why; }
+bool xattn_bf16_brgemm() { return xattn_bf16_choice().taken; }
+const char* xattn_bf16_path() { return xattn_bf16_choice().why; }
 
 const char* isa_name(Isa isa) {
   switch (isa) {

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import mmfast
 from mmfast import ops, reference
-from tests.helpers import DTYPES, sample_inputs
+from tests.helpers import DTYPES, run_pytest, sample_inputs
 from tests.ops._projector_common import check_like_torch, compare_fwd_bwd
 from tests.samples.projector import make_weights
 
@@ -100,10 +100,7 @@ TILE_PATH_TESTS = [
 def test_bfloat16_tiles_where_aten_is_the_default():
     """On an AMX CPU (bfloat16 GEMMs through ATen) the vdpbf16ps tiles still run, forced by
     MMFAST_CPU_BF16_GEMM=tiles: their tests pass there, none skipped."""
-    env = dict(os.environ, MMFAST_CPU_BF16_GEMM="tiles")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
-                          *TILE_PATH_TESTS], env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    out = run_pytest(TILE_PATH_TESTS, MMFAST_CPU_BF16_GEMM="tiles")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and "bfloat16 GEMMs here" not in out.stdout, out.stdout[-3000:]
 
@@ -127,10 +124,7 @@ def test_bfloat16_without_packed_gemm():
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype2]",
              "tests/ops/test_projector.py::test_bfloat16_gemm_tiling_edges",
              "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype2]"]
-    env = dict(os.environ, MMFAST_CPU_ISA="avx2")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                         env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    out = run_pytest(tests, MMFAST_CPU_ISA="avx2")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
 
 
@@ -222,10 +216,7 @@ def test_float32_transposing_backward_each_isa(isa):
     MMFAST_CPU_ISA; the rest of the suite runs the best build this CPU has."""
     tests = ["tests/ops/test_projector.py::test_float32_transposing_backward",
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype0]"]
-    env = dict(os.environ, MMFAST_CPU_ISA=isa, MMFAST_CPU_F32_GEMM="onednn")
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                         env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    out = run_pytest(tests, MMFAST_CPU_ISA=isa, MMFAST_CPU_F32_GEMM="onednn")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "6 passed" in out.stdout, out.stdout[-3000:]
 
@@ -256,10 +247,7 @@ def test_float32_on_the_other_gemm_path():
              "tests/ops/test_projector.py::test_matches_reference_on_samples[dtype0]",
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype0]",
              "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype0]"]
-    env = dict(os.environ, MMFAST_CPU_F32_GEMM=other)
-    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                         env=env, capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    out = run_pytest(tests, MMFAST_CPU_F32_GEMM=other)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
     assert "9 passed" in out.stdout, out.stdout[-3000:]
 
