@@ -109,3 +109,13 @@ def run_pytest(tests: list, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-rs",
                            *tests], env=dict(os.environ, **env), capture_output=True, text=True,
                           cwd=root)
+
+
+def assert_pytest_passes(tests: list, passed: int | None = None, **env) -> str:
+    """run_pytest, then: it succeeded, and (when given) exactly `passed` tests passed; returns
+    its output."""
+    out = run_pytest(tests, **env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    if passed is not None:
+        assert f"{passed} passed" in out.stdout, out.stdout[-3000:]
+    return out.stdout

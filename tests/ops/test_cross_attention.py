@@ -9,7 +9,8 @@ import torch
 import mmfast
 from mmfast import reference as R
 from mmfast.reference.cross_attention import allowed_mask
-from tests.helpers import DTYPES, assert_attention_close, assert_close, run_pytest, sample_inputs
+from tests.helpers import (DTYPES, assert_attention_close, assert_close, assert_pytest_passes,
+                           sample_inputs)
 
 # Absolute error floors of the attention error rule, per dtype (outputs and gradients are O(1)).
 FLOOR = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}
@@ -325,6 +326,4 @@ def test_bfloat16_forward_on_the_other_path():
              "[torch.bfloat16]",
              "tests/ops/test_cross_attention.py::test_extreme_magnitudes[torch.bfloat16]",
              "tests/ops/test_cross_attention.py::test_backward_is_deterministic[torch.bfloat16]"]
-    out = run_pytest(tests, MMFAST_CPU_XATTN_BF16=other)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "5 passed" in out.stdout, out.stdout[-3000:]
+    assert_pytest_passes(tests, 5, MMFAST_CPU_XATTN_BF16=other)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import mmfast
 from mmfast import ops, reference
-from tests.helpers import DTYPES, run_pytest, sample_inputs
+from tests.helpers import DTYPES, assert_pytest_passes, sample_inputs
 from tests.ops._projector_common import check_like_torch, compare_fwd_bwd
 from tests.samples.projector import make_weights
 
@@ -100,9 +100,8 @@ TILE_PATH_TESTS = [
 def test_bfloat16_tiles_where_aten_is_the_default():
     """On an AMX CPU (bfloat16 GEMMs through ATen) the vdpbf16ps tiles still run, forced by
     MMFAST_CPU_BF16_GEMM=tiles: their tests pass there, none skipped."""
-    out = run_pytest(TILE_PATH_TESTS, MMFAST_CPU_BF16_GEMM="tiles")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout and "bfloat16 GEMMs here" not in out.stdout, out.stdout[-3000:]
+    stdout = assert_pytest_passes(TILE_PATH_TESTS, None, MMFAST_CPU_BF16_GEMM="tiles")
+    assert " passed" in stdout and "bfloat16 GEMMs here" not in stdout, stdout[-3000:]
 
 
 @pytest.mark.parametrize("variable,query", [("MMFAST_CPU_BF16_GEMM", "cpu_bf16_gemm"),
@@ -124,8 +123,7 @@ def test_bfloat16_without_packed_gemm():
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype2]",
              "tests/ops/test_projector.py::test_bfloat16_gemm_tiling_edges",
              "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype2]"]
-    out = run_pytest(tests, MMFAST_CPU_ISA="avx2")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert_pytest_passes(tests, None, MMFAST_CPU_ISA="avx2")
 
 
 # (x, w1, b1, w2, b2) trained: each gradient the packed backward makes, alone and together.
@@ -216,9 +214,7 @@ def test_float32_transposing_backward_each_isa(isa):
     MMFAST_CPU_ISA; the rest of the suite runs the best build this CPU has."""
     tests = ["tests/ops/test_projector.py::test_float32_transposing_backward",
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype0]"]
-    out = run_pytest(tests, MMFAST_CPU_ISA=isa, MMFAST_CPU_F32_GEMM="onednn")
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "6 passed" in out.stdout, out.stdout[-3000:]
+    assert_pytest_passes(tests, 6, MMFAST_CPU_ISA=isa, MMFAST_CPU_F32_GEMM="onednn")
 
 
 def test_cpu_f32_gemm_follows_cpu_vendor():
@@ -247,9 +243,7 @@ def test_float32_on_the_other_gemm_path():
              "tests/ops/test_projector.py::test_matches_reference_on_samples[dtype0]",
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype0]",
              "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype0]"]
-    out = run_pytest(tests, MMFAST_CPU_F32_GEMM=other)
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
-    assert "9 passed" in out.stdout, out.stdout[-3000:]
+    assert_pytest_passes(tests, 9, MMFAST_CPU_F32_GEMM=other)
 
 
 # Every combination of frozen / trained inputs (x, w1, b1, w2, b2).
