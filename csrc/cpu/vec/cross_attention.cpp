@@ -9,11 +9,8 @@
 #include "common/ceil_div.h"
 #include "cpu/vec/cross_attention.h"
 #include "cpu/vec/dispatch.h"
+#include "cpu/vec/pair_interleave.h"
 #include "cpu/vec/transpose.h"
-
-#if defined(CPU_CAPABILITY_AVX512)
-#include <immintrin.h>
-#endif
 
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
@@ -216,37 +213,9 @@ inline void load_rows(const T* src, int64_t ld, int64_t rows, int64_t cols, floa
 // P V's B operand: packed[j][d][e] = V[2 j + e][d] (a zero row past N).
 inline void pack_rows_vnni(const c10::BFloat16* v, int64_t ld, int64_t N, int64_t D,
                            c10::BFloat16* packed) {
-#if defined(CPU_CAPABILITY_AVX512)
-  alignas(64) static const uint16_t lo_idx[32] = {0, 32, 1, 33, 2, 34, 3, 35, 4, 36, 5, 37,
-                                                  6, 38, 7, 39, 8, 40, 9, 41, 10, 42, 11, 43,
-                                                  12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t hi_idx[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
-                                                  53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-                                                  27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i lo = _mm512_load_si512(lo_idx), hi = _mm512_load_si512(hi_idx);
   for (int64_t j = 0; j < N; j += 2) {
-    const c10::BFloat16* r0 = v + j * ld;
-    const c10::BFloat16* r1 = j + 1 < N ? r0 + ld : nullptr;
-    c10::BFloat16* d = packed + j * D;
-    for (int64_t c = 0; c < D; c += 32) {
-      const int64_t len = std::min<int64_t>(32, D - c);
-      const __mmask32 m = len == 32 ? ~__mmask32(0) : (__mmask32(1) << len) - 1;
-      const __m512i a = _mm512_maskz_loadu_epi16(m, r0 + c);
-      const __m512i b = r1 != nullptr ? _mm512_maskz_loadu_epi16(m, r1 + c) : _mm512_setzero_si512();
-      const __mmask32 m_lo = len >= 16 ? ~__mmask32(0) : (__mmask32(1) << (2 * len)) - 1;
-      const __mmask32 m_hi = len > 16 ? (len == 32 ? ~__mmask32(0) : (__mmask32(1) << (2 * (len - 16))) - 1) : 0;
-      _mm512_mask_storeu_epi16(d + 2 * c, m_lo, _mm512_permutex2var_epi16(a, lo, b));
-      if (m_hi != 0) _mm512_mask_storeu_epi16(d + 2 * c + 32, m_hi, _mm512_permutex2var_epi16(a, hi, b));
-    }
+    interleave_pair(v + j * ld, j + 1 < N ? v + (j + 1) * ld : nullptr, D, D, packed + j * D);
   }
-#else
-  for (int64_t j = 0; j < N; j += 2) {
-    for (int64_t d = 0; d < D; ++d) {
-      packed[j * D + 2 * d] = v[j * ld + d];
-      packed[j * D + 2 * d + 1] = j + 1 < N ? v[(j + 1) * ld + d] : c10::BFloat16(0.f);
-    }
-  }
-#endif
 }
 
 // Storage type T, all tile GEMMs in float32: 16-bit tiles are widened in cache (Q once per

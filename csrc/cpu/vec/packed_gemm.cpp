@@ -20,6 +20,7 @@
 
 #include "cpu/vec/chunk.h"
 #include "cpu/vec/gelu.h"
+#include "cpu/vec/pair_interleave.h"
 #include "cpu/vec/transpose.h"
 
 namespace mmfast::cpu::CPU_CAPABILITY {
@@ -201,41 +202,10 @@ void pack_block_from_nk(const BF16* src, int64_t ld, int64_t k, int64_t k2, int6
   }
 }
 
-// Word 2j of the interleave takes element j of the first row, word 2j + 1 element j of the
-// second (vpermt2w: indices >= 32 pick from the second operand).
-struct PairInterleave {
-  __m512i lo_perm, hi_perm;
-  PairInterleave() {
-    alignas(64) uint16_t lo_idx[32], hi_idx[32];
-    for (int j = 0; j < 16; ++j) {
-      lo_idx[2 * j] = j;
-      lo_idx[2 * j + 1] = 32 + j;
-      hi_idx[2 * j] = 16 + j;
-      hi_idx[2 * j + 1] = 48 + j;
-    }
-    lo_perm = _mm512_load_si512(lo_idx);
-    hi_perm = _mm512_load_si512(hi_idx);
-  }
-  // d[2 j + e] = (e ? second : first)[j] for j < cols, zeros for cols <= j < kPackCols and
-  // for a null second row.
-  void operator()(const BF16* first, const BF16* second, int64_t cols, BF16* d) const {
-    for (int64_t j0 = 0; j0 < kPackCols; j0 += 32) {
-      const int64_t len = std::clamp<int64_t>(cols - j0, 0, 32);
-      const __mmask32 mask = len == 32 ? ~__mmask32(0) : (__mmask32(1) << len) - 1;
-      const __m512i a = _mm512_maskz_loadu_epi16(mask, first + j0);
-      const __m512i b =
-          second != nullptr ? _mm512_maskz_loadu_epi16(mask, second + j0) : _mm512_setzero_si512();
-      _mm512_storeu_si512(d + 2 * j0, _mm512_permutex2var_epi16(a, lo_perm, b));
-      _mm512_storeu_si512(d + 2 * j0 + 32, _mm512_permutex2var_epi16(a, hi_perm, b));
-    }
-  }
-};
-
 // Columns [n0, n0 + cols) of B from its rows: row r at src + (rows ? rows[r] : r) * ld, r < k.
 void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_t k, int64_t k2,
                         int64_t n0, int64_t cols, BF16* packed) {
   const auto row = [&](int64_t r) { return src + (rows != nullptr ? rows[r] : r) * ld + n0; };
-  const PairInterleave interleave;
   // The rows are a row of B apart (10 KiB for a 13B weight), which the hardware prefetcher
   // does not follow: the loads below took ~40% of this function's samples in a profile of
   // LLaVA-1.5-13B's training step. Fetched kPrefetchPairs pairs ahead, their latency overlaps.
@@ -248,8 +218,8 @@ void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_
   for (int64_t r = 0; r < std::min(kPrefetchPairs, k2); ++r) prefetch_pair(r);
   for (int64_t r = 0; r < k2; ++r) {
     if (r + kPrefetchPairs < k2) prefetch_pair(r + kPrefetchPairs);
-    interleave(row(2 * r), 2 * r + 1 < k ? row(2 * r + 1) : nullptr, cols,
-               packed + r * 2 * kPackCols);
+    interleave_pair(row(2 * r), 2 * r + 1 < k ? row(2 * r + 1) : nullptr, cols, kPackCols,
+                    packed + r * 2 * kPackCols);
   }
 }
 
@@ -333,15 +303,15 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next, int64_t t
 
 void pack_b_rows_bf16(const BF16* b, int64_t ldb, int64_t b_k, int64_t k, int64_t n,
                       int64_t pair_begin, int64_t pair_end, BF16* packed) {
-  const PairInterleave interleave;
   const int64_t nblocks = ceil_div(n, kPackCols);
   for (int64_t r = pair_begin; r < pair_end; ++r) {
     const BF16* first = b + 2 * r * ldb;
     const BF16* second = 2 * r + 1 < b_k ? first + ldb : nullptr;
     for (int64_t nb = 0; nb < nblocks; ++nb) {
       const int64_t n0 = nb * kPackCols;
-      interleave(first + n0, second != nullptr ? second + n0 : nullptr,
-                 std::min(kPackCols, n - n0), packed + nb * k * kPackCols + r * 2 * kPackCols);
+      interleave_pair(first + n0, second != nullptr ? second + n0 : nullptr,
+                      std::min(kPackCols, n - n0), kPackCols,
+                      packed + nb * k * kPackCols + r * 2 * kPackCols);
     }
   }
 }
