@@ -77,8 +77,8 @@ Tensor contiguous_bias(const std::optional<Tensor>& b) {
 // and so do the backward's weight-gradient GEMMs when given K-contiguous operands
 // (backward_rows_onednn). On an Intel Xeon (Sapphire Rapids class) MKL was as fast or faster
 // (4608 x 4096 x 4096: 229 against 213 GFLOP/s, best of 8), and there the transposes that
-// backward_rows_onednn adds bought nothing: float32 training steps measured 1.05-1.18x
-// eager's time. bfloat16 and float16 GEMMs already go to oneDNN through ATen.
+// backward_rows_onednn adds bought nothing: float32 training steps took 1.06-1.30x eager's
+// time in suite runs (0.87-1.11x through MKL). bfloat16 and float16 GEMMs already go to oneDNN through ATen.
 using OnednnLinear = Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&,
                             c10::string_view, c10::List<std::optional<c10::Scalar>>,
                             std::optional<c10::string_view>);

@@ -221,7 +221,10 @@ def test_cpu_f32_gemm_follows_cpu_vendor():
     """float32 GEMMs go through oneDNN's linear except on Intel CPUs, where ATen's mm (MKL) is
     as fast; MMFAST_CPU_F32_GEMM=onednn|mkl overrides."""
     forced = os.environ.get("MMFAST_CPU_F32_GEMM", "auto")
-    intel = "GenuineIntel" in open("/proc/cpuinfo").read() if sys.platform == "linux" else None
+    intel = None
+    if sys.platform == "linux":
+        with open("/proc/cpuinfo") as f:
+            intel = "GenuineIntel" in f.read()
     if forced == "onednn":
         expected = "oneDNN linear (MMFAST_CPU_F32_GEMM=onednn)"
     elif forced == "mkl":
