@@ -21,10 +21,10 @@ def cpu_isa() -> str:
 
 
 def cpu_bf16_gemm() -> str:
-    """What runs the projector's bfloat16 GEMMs on CPU: mmfast's vdpbf16ps tiles (avx512_bf16
-    without AMX) or ATen (AMX-BF16 CPUs, where oneDNN's AMX GEMMs are faster; CPUs or builds
-    without avx512_bf16). The environment variable MMFAST_CPU_BF16_GEMM (auto, tiles, aten; read
-    once) overrides that rule where the tiles can run, for tests and measurements."""
+    """What runs the projector's bfloat16 GEMMs on CPU: mmfast's AMX tiles (CPUs with
+    AMX-BF16), its vdpbf16ps tiles (avx512_bf16 without AMX), or ATen (CPUs or builds without
+    avx512_bf16). The environment variable MMFAST_CPU_BF16_GEMM (auto, amx, tiles, aten; read
+    once) overrides that rule where the kernel can run, for tests and measurements."""
     return torch.ops.mmfast._cpu_bf16_gemm()
 
 

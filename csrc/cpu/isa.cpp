@@ -8,6 +8,11 @@
 #include <initializer_list>
 #include <string>
 
+#if defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace mmfast::cpu {
 
 namespace {
@@ -69,11 +74,32 @@ std::string path_override(const char* variable, std::initializer_list<const char
   return want;
 }
 
-// bf16_tile_gemm(): MMFAST_CPU_BF16_GEMM=tiles takes the tiles wherever they can run (AMX CPUs
-// included: lets the tests cover them there), =aten never.
-PathChoice bf16_gemm_choice() {
-  static const PathChoice choice = [] {
-    const std::string want = path_override("MMFAST_CPU_BF16_GEMM", {"tiles", "aten"});
+// Asks Linux for the AMX tile state (XTILEDATA), which a process must request before its first
+// tile instruction; true when granted (oneDNN asks too, and asking twice is harmless).
+bool amx_tile_state_granted() {
+#if defined(__linux__) && (defined(__x86_64__) || defined(_M_X64))
+  constexpr long kArchReqXcompPerm = 0x1023;
+  constexpr long kXfeatureXtiledata = 18;
+  return syscall(SYS_arch_prctl, kArchReqXcompPerm, kXfeatureXtiledata) == 0;
+#else
+  return false;
+#endif
+}
+
+enum class Bf16Gemm : int { kAten, kVnni, kAmx };
+
+struct Bf16GemmChoice {
+  Bf16Gemm kernel;
+  const char* why;
+  bool forced = false;
+};
+
+// The projector's bfloat16 GEMMs: packed_gemm on AMX tiles where the CPU has AMX-BF16, on
+// vdpbf16ps tiles where it has avx512_bf16 only, else ATen. MMFAST_CPU_BF16_GEMM=amx|tiles|aten
+// forces one (amx and tiles where they can run: lets the tests cover every kernel on one CPU).
+Bf16GemmChoice bf16_gemm_choice() {
+  static const Bf16GemmChoice choice = [] {
+    const std::string want = path_override("MMFAST_CPU_BF16_GEMM", {"amx", "tiles", "aten"});
     bool tiles_run = false, amx = false;
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
@@ -81,20 +107,28 @@ PathChoice bf16_gemm_choice() {
     // cpuinfo's flags, as ATen reads them.
     const auto caps = at::cpu::get_cpu_capabilities();
     const auto flag = caps.find("amx_bf16");
-    amx = flag != caps.end() && flag->second.isBool() && flag->second.toBool();
+    amx = tiles_run && flag != caps.end() && flag->second.isBool() && flag->second.toBool() &&
+          amx_tile_state_granted();
 #endif
-    if (want == "aten") return PathChoice{false, "ATen (MMFAST_CPU_BF16_GEMM=aten)"};
+    if (want == "aten") return Bf16GemmChoice{Bf16Gemm::kAten, "ATen (MMFAST_CPU_BF16_GEMM=aten)", true};
     if (want == "tiles") {
       TORCH_CHECK(tiles_run, "MMFAST_CPU_BF16_GEMM=tiles: the vdpbf16ps tiles need the AVX512 "
                   "build active and a CPU with avx512_bf16 (MMFAST_CPU_ISA: ",
                   isa_name(active_isa()), ")");
-      if (amx) {
-        return PathChoice{true, "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles; AMX-BF16 here)"};
-      }
+      return Bf16GemmChoice{Bf16Gemm::kVnni, "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles)", true};
     }
-    if (!tiles_run) return PathChoice{false, "ATen (no avx512_bf16 in the active build)"};
-    if (amx && want == "auto") return PathChoice{false, "ATen (AMX-BF16)"};
-    return PathChoice{true, "vdpbf16ps tiles (avx512_bf16, no AMX)"};
+    if (want == "amx") {
+      TORCH_CHECK(amx, "MMFAST_CPU_BF16_GEMM=amx: the AMX tiles need the AVX512 build active, "
+                  "a CPU with AMX-BF16 and the tile state granted by the kernel (MMFAST_CPU_ISA: ",
+                  isa_name(active_isa()), ")");
+      return Bf16GemmChoice{Bf16Gemm::kAmx, "AMX tiles (MMFAST_CPU_BF16_GEMM=amx)", true};
+    }
+    if (amx) {
+      return Bf16GemmChoice{Bf16Gemm::kAmx,
+                            "AMX tiles (AMX-BF16; forwards under 2048 tokens: ATen)"};
+    }
+    if (tiles_run) return Bf16GemmChoice{Bf16Gemm::kVnni, "vdpbf16ps tiles (avx512_bf16, no AMX)"};
+    return Bf16GemmChoice{Bf16Gemm::kAten, "ATen (no avx512_bf16 in the active build)"};
   }();
   return choice;
 }
@@ -129,7 +163,9 @@ PathChoice xattn_bf16_choice() {
 
 }  // namespace
 
-bool bf16_tile_gemm() { return bf16_gemm_choice().taken; }
+bool bf16_tile_gemm() { return bf16_gemm_choice().kernel != Bf16Gemm::kAten; }
+bool bf16_gemm_amx() { return bf16_gemm_choice().kernel == Bf16Gemm::kAmx; }
+bool bf16_gemm_forced() { return bf16_gemm_choice().forced; }
 const char* bf16_gemm_path() { return bf16_gemm_choice().why; }
 bool f32_gemm_onednn() { return f32_gemm_choice().taken; }
 const char* f32_gemm_path() { return f32_gemm_choice().why; }

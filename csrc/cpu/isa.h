@@ -10,12 +10,15 @@ enum class Isa : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
 Isa active_isa();
 const char* isa_name(Isa isa);
 
-// Whether bfloat16 GEMMs of the projector run on packed_gemm's tile kernel (vdpbf16ps): the
-// AVX512 build is active, the CPU has avx512_bf16 and has no AMX-BF16. Where the CPU has AMX
-// (Intel Xeon from Sapphire Rapids on), ATen's GEMMs run on its tile units through oneDNN,
-// several times faster than any vdpbf16ps loop, so the projector takes the ATen path there.
-// MMFAST_CPU_BF16_GEMM=tiles|aten (read once) overrides the rule where the tiles can run.
+// Whether bfloat16 GEMMs of the projector run on packed_gemm (our tile kernels) rather than
+// ATen's: where the AVX512 build is active and the CPU has avx512_bf16. The tile kernel is AMX's
+// where the CPU has AMX-BF16 (bf16_gemm_amx), vdpbf16ps's elsewhere (Zen 4).
+// MMFAST_CPU_BF16_GEMM=amx|tiles|aten (read once) forces AMX, vdpbf16ps or ATen
+// (bf16_gemm_forced), for every call: unforced, the projector sends forwards of few tokens on
+// AMX CPUs to ATen (projector.cpp).
 bool bf16_tile_gemm();
+bool bf16_gemm_amx();
+bool bf16_gemm_forced();
 
 // Why bf16_tile_gemm() is true or false, in words (the benchmark table prints it).
 const char* bf16_gemm_path();

@@ -163,16 +163,30 @@ bool use_packed_gemm(const Tensor& x, std::initializer_list<int64_t> sizes) {
          std::all_of(sizes.begin(), sizes.end(), [](int64_t s) { return s > 0; });
 }
 
+// Fewest tokens for which a forward runs on the AMX tiles by default. Below, oneDNN's AMX GEMMs
+// won the inference forwards: suite runs, time / eager, InternVL (1792 tokens) 1.73 and 1.28 on
+// the tiles, 0.94 through ATen; one image (576) 1.06 and 1.20, against 1.00; from 8 images on
+// the tiles won (0.69-0.87 against 0.94-1.22). The rule holds with or without h to keep, so
+// that a forward gives the same values whether a backward follows or not.
+constexpr int64_t kAmxForwardMinRows = 2048;
+
+// Whether a forward of m tokens runs on packed_gemm: the tiles can run, and on AMX tiles (unless
+// forced) there are at least kAmxForwardMinRows tokens.
+bool packed_forward(const Tensor& x, int64_t m, std::initializer_list<int64_t> sizes) {
+  if (!use_packed_gemm(x, sizes)) return false;
+  return !bf16_gemm_amx() || bf16_gemm_forced() || m >= kAmxForwardMinRows;
+}
+
 // first, then second, in one parallel region: a thread out of first's work items goes on to
 // second's, so the threads wait for each other only at the end of second. The two must be
 // independent (neither reads what the other writes).
 void run_packed_gemms(const PackedGemm& first, const PackedGemm& second) {
-  std::atomic<int64_t> next_first{0}, next_second{0};
+  GemmQueue first_queue(first, bf16_gemm_amx()), second_queue(second, bf16_gemm_amx());
   const auto kernel = MMFAST_PICK_ISA(packed_gemm_bf16);
   const int64_t threads = at::get_num_threads();
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
-    if (first.m > 0 && first.n > 0) kernel(first, &next_first, threads);
-    if (second.m > 0 && second.n > 0) kernel(second, &next_second, threads);
+    if (first.m > 0 && first.n > 0) kernel(first, &first_queue, threads);
+    if (second.m > 0 && second.n > 0) kernel(second, &second_queue, threads);
   });
 }
 
@@ -232,6 +246,11 @@ void pack_b_once(PackedGemm& g, Tensor& buffer) {
 // Fewest tokens for the packed backward (see backward_rows).
 constexpr int64_t kPackedBackwardMinRows = 384;
 
+// Panels of rows from which the forward on AMX tiles packs the weights once (see forward_packed).
+constexpr int64_t kPackOncePanels = 3;
+
+Tensor projector_pack_weight_cpu(const Tensor& w);
+
 // Bytes of the activation per panel of rows in the packed forward (a part of L3).
 constexpr int64_t kActPanelBytes = int64_t(8) << 20;
 
@@ -249,7 +268,8 @@ constexpr int64_t kActPanelBytes = int64_t(8) << 20;
 // 238.5 to 246 MiB (eager: 233) for ~0.3% of the step's time, so there each GEMM has its own
 // parallel region, one after the other.
 // w1_packed / w2_packed: the weights packed ahead (projector_pack_weight_cpu's layout), or
-// null: then every work item packs its column block of the weight itself, once per panel.
+// null: then every work item packs its column block of the weight itself, once per panel,
+// except on AMX tiles from kPackOncePanels panels on, where they are packed once here.
 Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Tensor>& b1,
                       const Tensor& w2, const std::optional<Tensor>& b2, bool tanh_form,
                       bool keep_h, Tensor& out2, const int64_t* out_rows,
@@ -264,6 +284,21 @@ Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Te
       std::max<int64_t>(1, kActPanelBytes / (ld_act * 2 * kGemmRows)) * kGemmRows;
   const int64_t npanels = ceil_div(m, panel_rows);
   const bool overlap = !keep_h && npanels > 1;
+  // AMX tiles run a GEMM's work 2-3x faster than vdpbf16ps, and packing each weight block
+  // again for every panel becomes a large part of the forward (LLaVA-1.5-7B: 5 panels). Packing
+  // once costs a pass that writes the packed copy to memory (a 4096 x 4096 weight: 13 ms on 2
+  // threads, page faults included), more than packing twice into L2, hence from 3 panels.
+  Tensor w1_once, w2_once;
+  if (bf16_gemm_amx() && npanels >= kPackOncePanels) {
+    if (w1_packed == nullptr) {
+      w1_once = projector_pack_weight_cpu(w1);
+      w1_packed = w1_once.const_data_ptr<BF16>();
+    }
+    if (w2_packed == nullptr) {
+      w2_once = projector_pack_weight_cpu(w2);
+      w2_packed = w2_once.const_data_ptr<BF16>();
+    }
+  }
   const std::array<Tensor, 2> acts = {even_k_buffer(std::min(panel_rows, m), hid, x2),
                                       overlap ? even_k_buffer(panel_rows, hid, x2) : Tensor()};
   const auto buffer = [&](int64_t p) { return acts[overlap ? p % 2 : 0]; };
@@ -328,7 +363,7 @@ std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
   const bool tanh_form = check_projector_args("projector", x, w1, b1, w2, b2, approximate);
   const auto x2 = as_rows(x);
   Tensor out, h;
-  if (use_packed_gemm(x, {x2.size(0), x2.size(1), w1.size(0), w2.size(0)})) {
+  if (packed_forward(x, x2.size(0), {x2.size(0), x2.size(1), w1.size(0), w2.size(0)})) {
     out = at::empty({x2.size(0), w2.size(0)}, x.options());
     h = forward_packed(x2, w1, b1, w2, b2, tanh_form, keep_h, out, nullptr);
   } else {
@@ -398,8 +433,9 @@ Tensor projector_prepacked_cpu(const Tensor& x, const Tensor& w1, const Tensor& 
   check_packed_weight("w1", w1_packed, w1);
   check_packed_weight("w2", w2_packed, w2);
   const auto x2 = as_rows(x);
-  if (!use_packed_gemm(x, {x2.size(0), x2.size(1), w1.size(0), w2.size(0)})) {
-    // an empty operand: no tile GEMM to run, ATen's path handles it
+  if (!packed_forward(x, x2.size(0), {x2.size(0), x2.size(1), w1.size(0), w2.size(0)})) {
+    // an empty operand (no tile GEMM to run), or few tokens on AMX: the op's own path, which
+    // gives the same values
     return std::get<0>(projector_cpu(x, w1, b1, w2, b2, approximate, false));
   }
   auto out = at::empty({x2.size(0), w2.size(0)}, x.options());
@@ -725,7 +761,8 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
   const bool tanh_form = check_projector_args("projector_splice", x, w1, b1, w2, b2, approximate);
   check_splice_args("projector_splice", x, w2, embeds, image_mask);
   const auto rows = placeholder_rows(image_mask, x.size(0));
-  const bool packed = use_packed_gemm(x, {x.size(0), x.size(1), w1.size(0), w2.size(0)});
+  const bool packed =
+      packed_forward(x, x.size(0), {x.size(0), x.size(1), w1.size(0), w2.size(0)});
   // Only the text rows come from embeds: the placeholder rows are written once, by the GEMMs.
   Tensor out;
   if (embeds.is_contiguous()) {

@@ -85,7 +85,7 @@ class Projector(nn.Module):
 
     def prepack(self) -> "Projector":
         """Packs the weights of the first two Linears once, in the layout of mmfast's bfloat16
-        tile GEMMs (CPU, avx512_bf16 without AMX: see mmfast.cpu_bf16_gemm()), so that forward
+        tile GEMMs (CPU, AMX or avx512_bf16: see mmfast.cpu_bf16_gemm()), so that forward
         calls without autograd skip packing them (the op otherwise packs them on every call:
         ~2% of SigLIP's forward in a profile). The packed copies take as much memory again as
         the two weights. They follow in-place changes that PyTorch counts (optimizer steps,

@@ -56,34 +56,40 @@ def _tiles_can_run():
     return mmfast.cpu_isa() == "avx512" and caps.get("avx512_bf16", False)
 
 
+def _amx_can_run():
+    return _tiles_can_run() and torch.cpu.get_capabilities().get("amx_bf16", False)
+
+
 def test_cpu_bf16_gemm_follows_cpu_flags():
-    """The projector's bfloat16 GEMMs run on the vdpbf16ps tiles only in the AVX512 build on a
-    CPU with avx512_bf16 and without AMX-BF16; with AMX (oneDNN's tile units are faster) or
-    without avx512_bf16 they go through ATen. MMFAST_CPU_BF16_GEMM=tiles|aten overrides the
-    rule where the tiles can run."""
+    """The projector's bfloat16 GEMMs run on mmfast's tiles in the AVX512 build on a CPU with
+    avx512_bf16: AMX tiles where the CPU has AMX-BF16, vdpbf16ps tiles elsewhere; without
+    avx512_bf16 they go through ATen. MMFAST_CPU_BF16_GEMM=amx|tiles|aten overrides the rule
+    where the kernel can run."""
     forced = os.environ.get("MMFAST_CPU_BF16_GEMM", "auto")
-    amx = torch.cpu.get_capabilities().get("amx_bf16", False)
     if forced == "aten":
         expected = "ATen (MMFAST_CPU_BF16_GEMM=aten)"
     elif not _tiles_can_run():
         expected = "ATen (no avx512_bf16 in the active build)"
-    elif forced == "tiles" and amx:
-        expected = "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles; AMX-BF16 here)"
-    elif amx:
-        expected = "ATen (AMX-BF16)"
+    elif forced == "tiles":
+        expected = "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles)"
+    elif forced == "amx":
+        expected = "AMX tiles (MMFAST_CPU_BF16_GEMM=amx)"
+    elif _amx_can_run():
+        expected = "AMX tiles (AMX-BF16; forwards under 2048 tokens: ATen)"
     else:
         expected = "vdpbf16ps tiles (avx512_bf16, no AMX)"
     assert mmfast.cpu_bf16_gemm() == expected
-    assert torch.ops.mmfast._cpu_bf16_tile_gemm() == expected.startswith("vdpbf16ps")
+    assert torch.ops.mmfast._cpu_bf16_tile_gemm() == (not expected.startswith("ATen"))
 
 
-# The tests of the vdpbf16ps tile path (packed_gemm): on a CPU whose bfloat16 GEMMs go to ATen
-# by default (AMX), test_bfloat16_tiles_where_aten_is_the_default runs them with the tiles
-# forced, so CI covers the tiles on either kind of machine.
+# The tests of the tile paths (packed_gemm): on an AMX CPU, where the AMX tiles are the default,
+# test_bfloat16_vdpbf16ps_tiles_where_amx_is_the_default runs them with the vdpbf16ps tiles
+# forced, so CI covers both tile kernels on an AMX machine (a CPU without AMX runs only its own).
 TILE_PATH_TESTS = [
     "tests/ops/test_projector.py::test_cpu_bf16_gemm_follows_cpu_flags",
     "tests/ops/test_projector.py::test_matches_reference_on_samples",
     "tests/ops/test_projector.py::test_bfloat16_gemm_tiling_edges",
+    "tests/ops/test_projector.py::test_bfloat16_gemm_over_many_panels",
     "tests/ops/test_projector.py::test_bfloat16_packed_backward_gradients",
     "tests/ops/test_projector.py::test_bfloat16_packed_backward_over_panels",
     "tests/ops/test_projector.py::test_bfloat16_packed_forward_over_panels",
@@ -94,21 +100,53 @@ TILE_PATH_TESTS = [
 ]
 
 
-@pytest.mark.skipif(torch.ops.mmfast._cpu_bf16_tile_gemm() or not _tiles_can_run(),
-                    reason="the tile path is this machine's default (its tests run in the suite), "
-                           "or cannot run here")
-def test_bfloat16_tiles_where_aten_is_the_default():
-    """On an AMX CPU (bfloat16 GEMMs through ATen) the vdpbf16ps tiles still run, forced by
-    MMFAST_CPU_BF16_GEMM=tiles: their tests pass there, none skipped."""
+@pytest.mark.skipif(not _amx_can_run() or os.environ.get("MMFAST_CPU_BF16_GEMM", "auto") != "auto",
+                    reason="no AMX here (the default tile kernel is the vdpbf16ps one), or a "
+                           "kernel is forced already")
+def test_bfloat16_vdpbf16ps_tiles_where_amx_is_the_default():
+    """On an AMX CPU the vdpbf16ps tiles still run, forced by MMFAST_CPU_BF16_GEMM=tiles: their
+    tests pass there, none skipped."""
     stdout = assert_pytest_passes(TILE_PATH_TESTS, None, MMFAST_CPU_BF16_GEMM="tiles")
     assert " passed" in stdout and "bfloat16 GEMMs here" not in stdout, stdout[-3000:]
+
+
+@pytest.mark.skipif(not _amx_can_run() or os.environ.get("MMFAST_CPU_BF16_GEMM", "auto") != "auto",
+                    reason="no AMX here, or a kernel is forced already")
+def test_bfloat16_amx_tiles_at_every_size():
+    """On an AMX CPU forwards of fewer than 2048 tokens go to ATen by default; forced with
+    MMFAST_CPU_BF16_GEMM=amx the AMX tiles take them too, and the tile tests pass that way."""
+    stdout = assert_pytest_passes(TILE_PATH_TESTS, None, MMFAST_CPU_BF16_GEMM="amx")
+    assert " passed" in stdout and "bfloat16 GEMMs here" not in stdout, stdout[-3000:]
+
+
+@pytest.mark.skipif(not _tiles_can_run(), reason="no avx512_bf16 in the active build")
+def test_bfloat16_gemm_over_many_panels():
+    """A GEMM whose A spans nine panels (Cin 16385: one 256-row tile of x is over 8 MiB). On AMX
+    tiles the threads pack each panel of A into tiles as work items, into two buffers in turn:
+    the packing of panel 2 waits until panel 0's items are done. Odd K, 2100 tokens (enough for
+    the AMX tiles by default; the last tile 52 rows); the result does not depend on the thread
+    count."""
+    dt = torch.bfloat16
+    x = torch.randn(2100, 16385, dtype=dt)
+    w1, b1, w2, b2 = make_weights(16385, 72, 40, device="cpu", dtype=dt, bias=True)
+    args = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+    if torch.ops.mmfast._cpu_bf16_tile_gemm():
+        grads = torch.autograd.grad(ops.projector(*args).sum(), args)
+        threads = torch.get_num_threads()
+        try:
+            torch.set_num_threads(1)
+            again = torch.autograd.grad(ops.projector(*args).sum(), args)
+        finally:
+            torch.set_num_threads(threads)
+        assert all(torch.equal(a, b) for a, b in zip(grads, again))
 
 
 @pytest.mark.parametrize("variable,query", [("MMFAST_CPU_BF16_GEMM", "cpu_bf16_gemm"),
                                             ("MMFAST_CPU_F32_GEMM", "cpu_f32_gemm"),
                                             ("MMFAST_CPU_XATTN_BF16", "cpu_xattn_bf16")])
 def test_bad_gemm_choice_is_a_clear_error(variable, query):
-    env = dict(os.environ, **{variable: "amx"})
+    env = dict(os.environ, **{variable: "fastest"})
     out = subprocess.run([sys.executable, "-c", f"import mmfast; print(mmfast.{query}())"],
                          env=env, capture_output=True, text=True)
     assert out.returncode != 0 and variable in out.stderr, out.stderr[-2000:]

@@ -2,7 +2,7 @@
 //
 // A packed block of B holds its columns [n0, n0 + 64) as K/2 rows of 64 pairs,
 // packed[k2][j][e] = B[2 k2 + e][n0 + j], zeros past K and N: the VNNI layout of the
-// bfloat16 dot-product instructions (vnni_tile.h).
+// bfloat16 dot-product instructions (vnni_tile.h) and of AMX's B tiles (amx_tile.h).
 #include "cpu/vec/packed_gemm.h"
 
 #include <ATen/cpu/vec/functional.h>
@@ -12,6 +12,7 @@
 #if defined(CPU_CAPABILITY_AVX512)
 #include <immintrin.h>
 
+#include "cpu/vec/amx_tile.h"
 #include "cpu/vec/vnni_tile.h"
 #endif
 
@@ -223,9 +224,29 @@ void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_
   }
 }
 
+void wait_for(const std::atomic<int64_t>& count, int64_t target) {
+  while (count.load(std::memory_order_acquire) < target) _mm_pause();
+}
+
+// Rows [0, rows) of A (row stride lda, k values) into AMX A tiles: tile (rt, q) of 16 rows x 32
+// values at dst + (rt * steps + q) * 512, zeros past k and past `rows` up to a multiple of 16.
+void pack_a_tiles(const BF16* a, int64_t lda, int64_t rows, int64_t k, int64_t steps, BF16* dst) {
+  constexpr int64_t kTile = kAmxTileRows * kAmxTileDepth;
+  const int64_t padded = ceil_div(rows, kAmxTileRows) * kAmxTileRows;
+  for (int64_t r = 0; r < padded; ++r) {
+    BF16* row = dst + (r / kAmxTileRows) * steps * kTile + (r % kAmxTileRows) * kAmxTileDepth;
+    for (int64_t q = 0; q < steps; ++q) {
+      const int64_t n = r < rows ? std::min(kAmxTileDepth, k - q * kAmxTileDepth) : 0;
+      const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << n) - 1);
+      _mm512_storeu_si512(row + q * kTile,
+                          _mm512_maskz_loadu_epi16(mask, a + r * lda + q * kAmxTileDepth));
+    }
+  }
+}
+
 }  // namespace
 
-void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next, int64_t threads) {
+void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
   const int64_t mblocks = ceil_div(g.m, kGemmRows), nblocks = ceil_div(g.n, kPackCols);
   const bool transposed =
       g.epilogue == GemmEpilogue::kStoreT || g.epilogue == GemmEpilogue::kGeluGradT;
@@ -237,7 +258,7 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next, int64_t t
   // the same panel (<= kPanelBytes of A, read from L3 once per column block) at a time, and A
   // comes from memory once. Without panels an A larger than L3 (LLaVA's 8 images: 4608 x 4096)
   // was streamed from memory once per column block: the forward ran 4-7% slower (timing
-  // script).
+  // script). With AMX tiles each panel's items are preceded by items that pack its A tiles.
   const int64_t panel_tiles = gemm_panel_tiles(g);
   const int64_t npanels = gemm_panels(g);
   // The last `threads` blocks of the last panel are split into one item per tile: the threads
@@ -247,21 +268,43 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next, int64_t t
   // overlapped panels of forward_packed), the SigLIP forward gained ~0.4% in A/B timings.
   const int64_t last_tiles = mblocks - (npanels - 1) * panel_tiles;
   const int64_t tail_blocks = last_tiles > 1 ? std::min<int64_t>(nblocks, threads) : 0;
-  const int64_t whole_items = npanels * nblocks - tail_blocks;
-  const int64_t items = whole_items + tail_blocks * last_tiles;
-  for (int64_t item; (item = next->fetch_add(1)) < items;) {
-    int64_t panel, nb, mblock_begin, mblock_end;
-    if (item < whole_items) {
-      panel = item / nblocks;
-      nb = item % nblocks;
+  const bool amx = queue->amx;
+  const int64_t pack_items = amx ? panel_tiles : 0;  // per whole panel
+  const int64_t panel_items = pack_items + nblocks;
+  const int64_t last_begin = (npanels - 1) * panel_items;
+  const int64_t last_packs = amx ? last_tiles : 0;
+  const int64_t last_whole = nblocks - tail_blocks;
+  const auto compute_items = [&](int64_t p) {
+    return p + 1 < npanels ? nblocks : last_whole + tail_blocks * last_tiles;
+  };
+  const int64_t items = last_begin + last_packs + compute_items(npanels - 1);
+  const int64_t a_tile_elems = kGemmRows * queue->a_steps * kAmxTileDepth;
+  for (int64_t item; (item = queue->next.fetch_add(1)) < items;) {
+    const int64_t panel = std::min(item / panel_items, npanels - 1);
+    const int64_t local = item - panel * panel_items;
+    const int64_t packs = panel + 1 < npanels ? pack_items : last_packs;
+    BF16* a_panel = amx ? queue->a_panels[panel % 2].get() : nullptr;
+    if (local < packs) {
+      // The buffer last held panel - 2, whose items were all taken before this one.
+      if (panel >= 2) wait_for(queue->done_items[panel - 2], compute_items(panel - 2));
+      const int64_t m0 = (panel * panel_tiles + local) * kGemmRows;
+      pack_a_tiles(g.a + m0 * g.lda, g.lda, std::min(kGemmRows, g.m - m0), g.k, queue->a_steps,
+                   a_panel + local * a_tile_elems);
+      queue->packed_tiles[panel].fetch_add(1, std::memory_order_release);
+      continue;
+    }
+    const int64_t c = local - packs;
+    int64_t nb, mblock_begin, mblock_end;
+    if (panel + 1 < npanels || c < last_whole) {
+      nb = c;
       mblock_begin = panel * panel_tiles;
       mblock_end = std::min(mblocks, mblock_begin + panel_tiles);
     } else {
-      panel = npanels - 1;
-      nb = nblocks - tail_blocks + (item - whole_items) / last_tiles;
-      mblock_begin = panel * panel_tiles + (item - whole_items) % last_tiles;
+      nb = last_whole + (c - last_whole) / last_tiles;
+      mblock_begin = panel * panel_tiles + (c - last_whole) % last_tiles;
       mblock_end = mblock_begin + 1;
     }
+    if (amx) wait_for(queue->packed_tiles[panel], packs);
     Tile t;
     t.n0 = nb * kPackCols;
     t.cols = std::min(kPackCols, g.n - t.n0);
@@ -275,8 +318,16 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next, int64_t t
       t.m0 = t.mblock * kGemmRows;
       t.rows = std::min(kGemmRows, g.m - t.m0);
       for (int64_t k0 = 0; k0 < g.k; k0 += kDepth) {
-        vnni_tile(t.rows, std::min(kDepth, g.k - k0) / 2, g.a + t.m0 * g.lda + k0, g.lda,
-                  block + k0 * kPackCols, acc.data(), k0 > 0);
+        const int64_t k2 = std::min(kDepth, g.k - k0) / 2;
+        if (amx) {
+          amx_tile(t.rows, k2,
+                   a_panel + (t.mblock - panel * panel_tiles) * a_tile_elems +
+                       k0 / kAmxTileDepth * kAmxTileRows * kAmxTileDepth,
+                   queue->a_steps, block + k0 * kPackCols, acc.data(), k0 > 0);
+        } else {
+          vnni_tile(t.rows, k2, g.a + t.m0 * g.lda + k0, g.lda, block + k0 * kPackCols,
+                    acc.data(), k0 > 0);
+        }
       }
       switch (g.epilogue) {
         case GemmEpilogue::kStore: store_rows(g, t, acc.data()); break;
@@ -298,6 +349,7 @@ void packed_gemm_bf16(const PackedGemm& g, std::atomic<int64_t>* next, int64_t t
           break;
       }
     }
+    if (amx) queue->done_items[panel].fetch_add(1, std::memory_order_release);
   }
 }
 
@@ -331,7 +383,7 @@ void pack_b_nk_bf16(const BF16*, int64_t, int64_t, int64_t, int64_t, int64_t, in
   TORCH_INTERNAL_ASSERT(false, "pack_b_nk_bf16 runs only in the AVX512 build");
 }
 
-void packed_gemm_bf16(const PackedGemm&, std::atomic<int64_t>*, int64_t) {
+void packed_gemm_bf16(const PackedGemm&, GemmQueue*, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "packed_gemm_bf16 runs only in the AVX512 build");
 }
 

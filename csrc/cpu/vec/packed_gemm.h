@@ -1,11 +1,13 @@
-// bfloat16 GEMMs of the projector on our own tile kernel (vnni_tile.h: vdpbf16ps, 6 x 64
-// outputs in registers), with B packed block by block and the projector's elementwise work
-// done in the epilogue of each output tile while it is in cache.
+// bfloat16 GEMMs of the projector on our own tile kernels, with B packed block by block and
+// the projector's elementwise work done in the epilogue of each output tile while it is in
+// cache. The tile kernel is AMX's (amx_tile.h) on CPUs with AMX-BF16, vdpbf16ps's elsewhere
+// (vnni_tile.h: 6 x 64 outputs in registers).
 //
 // Why not ATen's mm / oneDNN's matmul: on a CPU with avx512_bf16 but no AMX (Zen 4) they ran
 // the projector's GEMMs at 385-408 GFLOP/s on 2 threads in a micro-benchmark. oneDNN's brgemm
 // ukernel driven over [256 x 64] tiles, each thread's 64-column block of B held in L2, ran at
-// 415-430; vnni_tile's loop at 224-232 per core (peak: 234 per core). Suite figures: README.
+// 415-430; vnni_tile's loop at 224-232 per core (peak: 234 per core). On an AMX CPU the AMX
+// tiles with A packed into tiles beat oneDNN's AMX GEMMs in most suite rows (README).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -13,6 +15,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <memory>
 
 #include "common/ceil_div.h"
 #include "cpu/isa.h"
@@ -84,16 +87,54 @@ inline int64_t packed_b_numel(const PackedGemm& g) {
   return ceil_div(g.n, kPackCols) * kPackCols * g.k;
 }
 
+// AMX's A tiles are 16 rows x 32 values (1 KiB). Read in place, a tile's 16 rows are a row of A
+// apart, 8 KiB for the projector's 4096-wide activations, which maps them to one L1 set; copied
+// into consecutive bytes they load without those misses.
+constexpr int64_t kAmxTileRows = 16;
+constexpr int64_t kAmxTileDepth = 32;
+
+// The shared state of one GEMM's work items (packed_gemm_bf16), made before the parallel region.
+// With AMX tiles the threads also pack each panel of A into tiles (two buffers in turn) as
+// work items of their own, and count per panel the A tiles packed and the compute items done.
+struct GemmQueue {
+  explicit GemmQueue(const PackedGemm& g, bool amx_tiles);
+  std::atomic<int64_t> next{0};
+  bool amx = false;
+  int64_t a_steps = 0;  // K steps of kAmxTileDepth, the last one zero-padded
+  std::unique_ptr<c10::BFloat16[]> a_panels[2];
+  std::unique_ptr<std::atomic<int64_t>[]> packed_tiles, done_items;  // per panel
+};
+
+inline GemmQueue::GemmQueue(const PackedGemm& g, bool amx_tiles)
+    : amx(amx_tiles && g.m > 0 && g.n > 0) {
+  if (!amx) return;
+  a_steps = ceil_div(g.k, kAmxTileDepth);
+  const int64_t panels = gemm_panels(g);
+  const int64_t panel_elems = gemm_panel_tiles(g) * kGemmRows * a_steps * kAmxTileDepth;
+  for (int64_t b = 0; b < std::min<int64_t>(2, panels); ++b) {
+    a_panels[b].reset(new c10::BFloat16[panel_elems]);
+  }
+  packed_tiles.reset(new std::atomic<int64_t>[panels]);
+  done_items.reset(new std::atomic<int64_t>[panels]);
+  for (int64_t p = 0; p < panels; ++p) {
+    packed_tiles[p].store(0);
+    done_items[p].store(0);
+  }
+}
+
 }  // namespace mmfast::cpu
 
 // Every one of the `threads` threads of a parallel region calls this. A thread takes a work
 // item (a panel of A's rows and a 64-column block of B; in the last panel, the last `threads`
-// blocks go one tile at a time) from the shared counter `next`, packs the block into the VNNI
-// layout vnni_tile reads (K/2 rows of 64 pairs, K x 128 bytes, which then stays in its L2) and
-// computes the item's tiles, until no item is left. Packing inside the GEMM saves a pass over
-// B through memory. Implemented in the AVX512 build only (the others assert).
+// blocks go one tile at a time) from the shared counter `queue->next`, packs the block into
+// the VNNI layout the tile kernels read (K/2 rows of 64 pairs, K x 128 bytes, which then stays
+// in its L2) and computes the item's tiles, until no item is left. Packing inside the GEMM
+// saves a pass over B through memory. With AMX tiles (queue->amx) a panel's items come after
+// one item per 256-row tile that packs A into AMX tiles; an item waits only for items taken
+// before it, so the threads cannot deadlock. Implemented in the AVX512 build only (the others
+// assert).
 MMFAST_DECLARE_ISA_KERNEL(
-    void packed_gemm_bf16(const ::mmfast::cpu::PackedGemm& g, std::atomic<int64_t>* next,
+    void packed_gemm_bf16(const ::mmfast::cpu::PackedGemm& g, ::mmfast::cpu::GemmQueue* queue,
                           int64_t threads))
 
 // Column blocks [block_begin, block_end) of B given as B^T [n, b_k] (a weight as stored, row
