@@ -100,22 +100,25 @@ struct Bf16GemmChoice {
 Bf16GemmChoice bf16_gemm_choice() {
   static const Bf16GemmChoice choice = [] {
     const std::string want = path_override("MMFAST_CPU_BF16_GEMM", {"amx", "tiles", "aten"});
-    bool tiles_run = false, amx = false;
+    bool tiles_run = false, amx_cpu = false, amx = false;
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
     tiles_run = active_isa() == Isa::AVX512 && __builtin_cpu_supports("avx512bf16");
     // cpuinfo's flags, as ATen reads them.
     const auto caps = at::cpu::get_cpu_capabilities();
     const auto flag = caps.find("amx_bf16");
-    amx = tiles_run && flag != caps.end() && flag->second.isBool() && flag->second.toBool() &&
-          amx_tile_state_granted();
+    amx_cpu = flag != caps.end() && flag->second.isBool() && flag->second.toBool();
+    amx = tiles_run && amx_cpu && amx_tile_state_granted();
 #endif
-    if (want == "aten") return Bf16GemmChoice{Bf16Gemm::kAten, "ATen (MMFAST_CPU_BF16_GEMM=aten)", true};
+    if (want == "aten") {
+      return Bf16GemmChoice{Bf16Gemm::kAten, "ATen (MMFAST_CPU_BF16_GEMM=aten)", true};
+    }
     if (want == "tiles") {
       TORCH_CHECK(tiles_run, "MMFAST_CPU_BF16_GEMM=tiles: the vdpbf16ps tiles need the AVX512 "
                   "build active and a CPU with avx512_bf16 (MMFAST_CPU_ISA: ",
                   isa_name(active_isa()), ")");
-      return Bf16GemmChoice{Bf16Gemm::kVnni, "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles)", true};
+      return Bf16GemmChoice{Bf16Gemm::kVnni, "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles)",
+                            true};
     }
     if (want == "amx") {
       TORCH_CHECK(amx, "MMFAST_CPU_BF16_GEMM=amx: the AMX tiles need the AVX512 build active, "
@@ -126,6 +129,11 @@ Bf16GemmChoice bf16_gemm_choice() {
     if (amx) {
       return Bf16GemmChoice{Bf16Gemm::kAmx,
                             "AMX tiles (AMX-BF16; forwards under 2048 tokens: ATen)"};
+    }
+    if (tiles_run && amx_cpu) {
+      // Without the tile state oneDNN has no AMX either: as on a CPU without AMX.
+      return Bf16GemmChoice{Bf16Gemm::kVnni,
+                            "vdpbf16ps tiles (avx512_bf16; AMX tile state not granted)"};
     }
     if (tiles_run) return Bf16GemmChoice{Bf16Gemm::kVnni, "vdpbf16ps tiles (avx512_bf16, no AMX)"};
     return Bf16GemmChoice{Bf16Gemm::kAten, "ATen (no avx512_bf16 in the active build)"};
