@@ -127,8 +127,9 @@ Bf16GemmChoice bf16_gemm_choice() {
       return Bf16GemmChoice{Bf16Gemm::kAmx, "AMX tiles (MMFAST_CPU_BF16_GEMM=amx)", true};
     }
     if (amx) {
-      return Bf16GemmChoice{Bf16Gemm::kAmx,
-                            "AMX tiles (AMX-BF16; forwards under 2048 tokens: ATen)"};
+      static const std::string why = "AMX tiles (AMX-BF16; forwards under " +
+                                     std::to_string(kAmxForwardMinRows) + " tokens: ATen)";
+      return Bf16GemmChoice{Bf16Gemm::kAmx, why.c_str()};
     }
     if (tiles_run && amx_cpu) {
       // Without the tile state oneDNN has no AMX either: as on a CPU without AMX.

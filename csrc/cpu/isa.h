@@ -1,6 +1,8 @@
 // Run-time choice among the per-ISA builds of csrc/cpu/vec/*.cpp (see setup.py).
 #pragma once
 
+#include <cstdint>
+
 namespace mmfast::cpu {
 
 enum class Isa : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
@@ -19,6 +21,10 @@ const char* isa_name(Isa isa);
 bool bf16_tile_gemm();
 bool bf16_gemm_amx();
 bool bf16_gemm_forced();
+
+// Fewest tokens for which a projector forward runs on the AMX tiles unless forced (the
+// measurements behind it: packed_forward in projector.cpp).
+constexpr int64_t kAmxForwardMinRows = 2048;
 
 // Why bf16_tile_gemm() is true or false, in words (the benchmark table prints it).
 const char* bf16_gemm_path();

@@ -163,15 +163,12 @@ bool use_packed_gemm(const Tensor& x, std::initializer_list<int64_t> sizes) {
          std::all_of(sizes.begin(), sizes.end(), [](int64_t s) { return s > 0; });
 }
 
-// Fewest tokens for which a forward runs on the AMX tiles by default. Below, oneDNN's AMX GEMMs
-// won the inference forwards: suite runs, time / eager, InternVL (1792 tokens) 1.73 and 1.28 on
+// Whether a forward of m tokens runs on packed_gemm: the tiles can run, and on AMX tiles (unless
+// forced) there are at least kAmxForwardMinRows (isa.h) tokens. Below, oneDNN's AMX GEMMs won
+// the inference forwards: suite runs, time / eager, InternVL (1792 tokens) 1.73 and 1.28 on
 // the tiles, 0.94 through ATen; one image (576) 1.06 and 1.20, against 1.00; from 8 images on
 // the tiles won (0.69-0.87 against 0.94-1.22). The rule holds with or without h to keep, so
 // that a forward gives the same values whether a backward follows or not.
-constexpr int64_t kAmxForwardMinRows = 2048;
-
-// Whether a forward of m tokens runs on packed_gemm: the tiles can run, and on AMX tiles (unless
-// forced) there are at least kAmxForwardMinRows tokens.
 bool packed_forward(const Tensor& x, int64_t m, std::initializer_list<int64_t> sizes) {
   if (!use_packed_gemm(x, sizes)) return false;
   return !bf16_gemm_amx() || bf16_gemm_forced() || m >= kAmxForwardMinRows;

@@ -83,8 +83,8 @@ def test_cpu_bf16_gemm_follows_cpu_flags():
 
 
 # The tests of the tile paths (packed_gemm): on an AMX CPU, where the AMX tiles are the default,
-# test_bfloat16_vdpbf16ps_tiles_where_amx_is_the_default runs them with the vdpbf16ps tiles
-# forced, so CI covers both tile kernels on an AMX machine (a CPU without AMX runs only its own).
+# test_bfloat16_tile_kernels_forced_where_amx_is_the_default runs them with each tile kernel
+# forced, so CI covers both on an AMX machine (a CPU without AMX runs only its own).
 TILE_PATH_TESTS = [
     "tests/ops/test_projector.py::test_cpu_bf16_gemm_follows_cpu_flags",
     "tests/ops/test_projector.py::test_matches_reference_on_samples",
@@ -103,19 +103,12 @@ TILE_PATH_TESTS = [
 @pytest.mark.skipif(not _amx_can_run() or os.environ.get("MMFAST_CPU_BF16_GEMM", "auto") != "auto",
                     reason="no AMX here (the default tile kernel is the vdpbf16ps one), or a "
                            "kernel is forced already")
-def test_bfloat16_vdpbf16ps_tiles_where_amx_is_the_default():
-    """On an AMX CPU the vdpbf16ps tiles still run, forced by MMFAST_CPU_BF16_GEMM=tiles: their
-    tests pass there, none skipped."""
-    stdout = assert_pytest_passes(TILE_PATH_TESTS, None, MMFAST_CPU_BF16_GEMM="tiles")
-    assert " passed" in stdout and "bfloat16 GEMMs here" not in stdout, stdout[-3000:]
-
-
-@pytest.mark.skipif(not _amx_can_run() or os.environ.get("MMFAST_CPU_BF16_GEMM", "auto") != "auto",
-                    reason="no AMX here, or a kernel is forced already")
-def test_bfloat16_amx_tiles_at_every_size():
-    """On an AMX CPU forwards of fewer than 2048 tokens go to ATen by default; forced with
-    MMFAST_CPU_BF16_GEMM=amx the AMX tiles take them too, and the tile tests pass that way."""
-    stdout = assert_pytest_passes(TILE_PATH_TESTS, None, MMFAST_CPU_BF16_GEMM="amx")
+@pytest.mark.parametrize("kernel", ["tiles", "amx"])
+def test_bfloat16_tile_kernels_forced_where_amx_is_the_default(kernel):
+    """On an AMX CPU each tile kernel passes the tile tests forced (none skipped): the vdpbf16ps
+    tiles (MMFAST_CPU_BF16_GEMM=tiles), and the AMX tiles at every size (=amx; by default
+    forwards of fewer than 2048 tokens go to ATen there)."""
+    stdout = assert_pytest_passes(TILE_PATH_TESTS, None, MMFAST_CPU_BF16_GEMM=kernel)
     assert " passed" in stdout and "bfloat16 GEMMs here" not in stdout, stdout[-3000:]
 
 

@@ -114,12 +114,8 @@ inline GemmQueue::GemmQueue(const PackedGemm& g, bool amx_tiles)
   for (int64_t b = 0; b < std::min<int64_t>(2, panels); ++b) {
     a_panels[b].reset(new c10::BFloat16[panel_elems]);
   }
-  packed_tiles.reset(new std::atomic<int64_t>[panels]);
-  done_items.reset(new std::atomic<int64_t>[panels]);
-  for (int64_t p = 0; p < panels; ++p) {
-    packed_tiles[p].store(0);
-    done_items[p].store(0);
-  }
+  packed_tiles.reset(new std::atomic<int64_t>[panels]());  // zeros
+  done_items.reset(new std::atomic<int64_t>[panels]());
 }
 
 }  // namespace mmfast::cpu
