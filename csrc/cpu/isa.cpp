@@ -91,7 +91,6 @@ enum class Bf16Gemm : int { kAten, kVnni, kAmx };
 struct Bf16GemmChoice {
   Bf16Gemm kernel;
   const char* why;
-  bool forced = false;
 };
 
 // The projector's bfloat16 GEMMs: packed_gemm on AMX tiles where the CPU has AMX-BF16, on
@@ -111,26 +110,21 @@ Bf16GemmChoice bf16_gemm_choice() {
     amx = tiles_run && amx_cpu && amx_tile_state_granted();
 #endif
     if (want == "aten") {
-      return Bf16GemmChoice{Bf16Gemm::kAten, "ATen (MMFAST_CPU_BF16_GEMM=aten)", true};
+      return Bf16GemmChoice{Bf16Gemm::kAten, "ATen (MMFAST_CPU_BF16_GEMM=aten)"};
     }
     if (want == "tiles") {
       TORCH_CHECK(tiles_run, "MMFAST_CPU_BF16_GEMM=tiles: the vdpbf16ps tiles need the AVX512 "
                   "build active and a CPU with avx512_bf16 (MMFAST_CPU_ISA: ",
                   isa_name(active_isa()), ")");
-      return Bf16GemmChoice{Bf16Gemm::kVnni, "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles)",
-                            true};
+      return Bf16GemmChoice{Bf16Gemm::kVnni, "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles)"};
     }
     if (want == "amx") {
       TORCH_CHECK(amx, "MMFAST_CPU_BF16_GEMM=amx: the AMX tiles need the AVX512 build active, "
                   "a CPU with AMX-BF16 and the tile state granted by the kernel (MMFAST_CPU_ISA: ",
                   isa_name(active_isa()), ")");
-      return Bf16GemmChoice{Bf16Gemm::kAmx, "AMX tiles (MMFAST_CPU_BF16_GEMM=amx)", true};
+      return Bf16GemmChoice{Bf16Gemm::kAmx, "AMX tiles (MMFAST_CPU_BF16_GEMM=amx)"};
     }
-    if (amx) {
-      static const std::string why = "AMX tiles (AMX-BF16; forwards under " +
-                                     std::to_string(kAmxForwardMinRows) + " tokens: ATen)";
-      return Bf16GemmChoice{Bf16Gemm::kAmx, why.c_str()};
-    }
+    if (amx) return Bf16GemmChoice{Bf16Gemm::kAmx, "AMX tiles (AMX-BF16)"};
     if (tiles_run && amx_cpu) {
       // Without the tile state oneDNN has no AMX either: as on a CPU without AMX.
       return Bf16GemmChoice{Bf16Gemm::kVnni,
@@ -174,7 +168,6 @@ PathChoice xattn_bf16_choice() {
 
 bool bf16_tile_gemm() { return bf16_gemm_choice().kernel != Bf16Gemm::kAten; }
 bool bf16_gemm_amx() { return bf16_gemm_choice().kernel == Bf16Gemm::kAmx; }
-bool bf16_gemm_forced() { return bf16_gemm_choice().forced; }
 const char* bf16_gemm_path() { return bf16_gemm_choice().why; }
 bool f32_gemm_onednn() { return f32_gemm_choice().taken; }
 const char* f32_gemm_path() { return f32_gemm_choice().why; }

@@ -15,16 +15,9 @@ const char* isa_name(Isa isa);
 // Whether bfloat16 GEMMs of the projector run on packed_gemm (our tile kernels) rather than
 // ATen's: where the AVX512 build is active and the CPU has avx512_bf16. The tile kernel is AMX's
 // where the CPU has AMX-BF16 (bf16_gemm_amx), vdpbf16ps's elsewhere (Zen 4).
-// MMFAST_CPU_BF16_GEMM=amx|tiles|aten (read once) forces AMX, vdpbf16ps or ATen
-// (bf16_gemm_forced), for every call: unforced, the projector sends forwards of few tokens on
-// AMX CPUs to ATen (projector.cpp).
+// MMFAST_CPU_BF16_GEMM=amx|tiles|aten (read once) forces AMX, vdpbf16ps or ATen.
 bool bf16_tile_gemm();
 bool bf16_gemm_amx();
-bool bf16_gemm_forced();
-
-// Fewest tokens for which a projector forward runs on the AMX tiles unless forced (the
-// measurements behind it: packed_forward in projector.cpp).
-constexpr int64_t kAmxForwardMinRows = 2048;
 
 // Why bf16_tile_gemm() is true or false, in words (the benchmark table prints it).
 const char* bf16_gemm_path();

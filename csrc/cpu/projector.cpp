@@ -155,23 +155,12 @@ Tensor bias_gelu_keep(Tensor& h, const std::optional<Tensor>& b1, bool tanh_form
 
 using BF16 = c10::BFloat16;
 
-// bfloat16 GEMMs through packed_gemm: on CPUs with avx512_bf16 and no AMX, where they run
-// faster than ATen's (packed_gemm.h; bf16_tile_gemm in isa.h), and for non-empty operands (a
-// GEMM over K = 0 is left to ATen).
+// bfloat16 GEMMs through packed_gemm: on CPUs with avx512_bf16 (AMX tiles where the CPU has
+// AMX-BF16), where they run faster than ATen's (packed_gemm.h; bf16_tile_gemm in isa.h), and
+// for non-empty operands (a GEMM over K = 0 is left to ATen).
 bool use_packed_gemm(const Tensor& x, std::initializer_list<int64_t> sizes) {
   return x.scalar_type() == at::kBFloat16 && bf16_tile_gemm() &&
          std::all_of(sizes.begin(), sizes.end(), [](int64_t s) { return s > 0; });
-}
-
-// Whether a forward of m tokens runs on packed_gemm: the tiles can run, and on AMX tiles (unless
-// forced) there are at least kAmxForwardMinRows (isa.h) tokens. Below, oneDNN's AMX GEMMs won
-// the inference forwards: suite runs, time / eager, InternVL (1792 tokens) 1.73 and 1.28 on
-// the tiles, 0.94 through ATen; one image (576) 1.06 and 1.20, against 1.00; from 8 images on
-// the tiles won (0.69-0.87 against 0.94-1.22). The rule holds with or without h to keep, so
-// that a forward gives the same values whether a backward follows or not.
-bool packed_forward(const Tensor& x, int64_t m, std::initializer_list<int64_t> sizes) {
-  if (!use_packed_gemm(x, sizes)) return false;
-  return !bf16_gemm_amx() || bf16_gemm_forced() || m >= kAmxForwardMinRows;
 }
 
 // first, then second, in one parallel region: a thread out of first's work items goes on to
@@ -360,7 +349,7 @@ std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
   const bool tanh_form = check_projector_args("projector", x, w1, b1, w2, b2, approximate);
   const auto x2 = as_rows(x);
   Tensor out, h;
-  if (packed_forward(x, x2.size(0), {x2.size(0), x2.size(1), w1.size(0), w2.size(0)})) {
+  if (use_packed_gemm(x, {x2.size(0), x2.size(1), w1.size(0), w2.size(0)})) {
     out = at::empty({x2.size(0), w2.size(0)}, x.options());
     h = forward_packed(x2, w1, b1, w2, b2, tanh_form, keep_h, out, nullptr);
   } else {
@@ -430,9 +419,8 @@ Tensor projector_prepacked_cpu(const Tensor& x, const Tensor& w1, const Tensor& 
   check_packed_weight("w1", w1_packed, w1);
   check_packed_weight("w2", w2_packed, w2);
   const auto x2 = as_rows(x);
-  if (!packed_forward(x, x2.size(0), {x2.size(0), x2.size(1), w1.size(0), w2.size(0)})) {
-    // an empty operand (no tile GEMM to run), or few tokens on AMX: the op's own path, which
-    // gives the same values
+  if (!use_packed_gemm(x, {x2.size(0), x2.size(1), w1.size(0), w2.size(0)})) {
+    // an empty operand (no tile GEMM to run): the op's own path
     return std::get<0>(projector_cpu(x, w1, b1, w2, b2, approximate, false));
   }
   auto out = at::empty({x2.size(0), w2.size(0)}, x.options());
@@ -758,8 +746,7 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
   const bool tanh_form = check_projector_args("projector_splice", x, w1, b1, w2, b2, approximate);
   check_splice_args("projector_splice", x, w2, embeds, image_mask);
   const auto rows = placeholder_rows(image_mask, x.size(0));
-  const bool packed =
-      packed_forward(x, x.size(0), {x.size(0), x.size(1), w1.size(0), w2.size(0)});
+  const bool packed = use_packed_gemm(x, {x.size(0), x.size(1), w1.size(0), w2.size(0)});
   // Only the text rows come from embeds: the placeholder rows are written once, by the GEMMs.
   Tensor out;
   if (embeds.is_contiguous()) {

@@ -75,7 +75,7 @@ def test_cpu_bf16_gemm_follows_cpu_flags():
     elif forced == "amx":
         expected = "AMX tiles (MMFAST_CPU_BF16_GEMM=amx)"
     elif _amx_can_run():
-        expected = "AMX tiles (AMX-BF16; forwards under 2048 tokens: ATen)"
+        expected = "AMX tiles (AMX-BF16)"
     else:
         expected = "vdpbf16ps tiles (avx512_bf16, no AMX)"
     assert mmfast.cpu_bf16_gemm() == expected
@@ -106,8 +106,7 @@ TILE_PATH_TESTS = [
 @pytest.mark.parametrize("kernel", ["tiles", "amx"])
 def test_bfloat16_tile_kernels_forced_where_amx_is_the_default(kernel):
     """On an AMX CPU each tile kernel passes the tile tests forced (none skipped): the vdpbf16ps
-    tiles (MMFAST_CPU_BF16_GEMM=tiles), and the AMX tiles at every size (=amx; by default
-    forwards of fewer than 2048 tokens go to ATen there)."""
+    tiles (MMFAST_CPU_BF16_GEMM=tiles) and the AMX tiles (=amx)."""
     stdout = assert_pytest_passes(TILE_PATH_TESTS, None, MMFAST_CPU_BF16_GEMM=kernel)
     assert " passed" in stdout and "bfloat16 GEMMs here" not in stdout, stdout[-3000:]
 
@@ -116,9 +115,8 @@ def test_bfloat16_tile_kernels_forced_where_amx_is_the_default(kernel):
 def test_bfloat16_gemm_over_many_panels():
     """A GEMM whose A spans nine panels (Cin 16385: one 256-row tile of x is over 8 MiB). On AMX
     tiles the threads pack each panel of A into tiles as work items, into two buffers in turn:
-    the packing of panel 2 waits until panel 0's items are done. Odd K, 2100 tokens (enough for
-    the AMX tiles by default; the last tile 52 rows); the result does not depend on the thread
-    count."""
+    the packing of panel 2 waits until panel 0's items are done. Odd K, 2100 tokens (nine 256-row
+    tiles, the last 52 rows); the result does not depend on the thread count."""
     dt = torch.bfloat16
     x = torch.randn(2100, 16385, dtype=dt)
     w1, b1, w2, b2 = make_weights(16385, 72, 40, device="cpu", dtype=dt, bias=True)

@@ -55,9 +55,8 @@ def test_prepacked_equals_projector(approximate, lead, cin, hidden, hout, bias):
 
 def test_prepacked_reads_the_packed_copies():
     """The forward computes with the packed copies, not with the weights passed for checks:
-    packed from other weights of the same shapes, it gives those weights' output. (2100 tokens:
-    on AMX CPUs fewer go to the op's ATen path, packed copies or not.)"""
-    x = torch.randn(2100, 40, dtype=torch.bfloat16)
+    packed from other weights of the same shapes, it gives those weights' output."""
+    x = torch.randn(300, 40, dtype=torch.bfloat16)
     w1, b1, w2, b2 = make_weights(40, 72, 130, device="cpu", dtype=torch.bfloat16)
     v1, _, v2, _ = make_weights(40, 72, 130, device="cpu", dtype=torch.bfloat16)
     with torch.no_grad():
