@@ -44,6 +44,7 @@
 #include "common/projector.h"
 #include "cpu/isa.h"
 #include "cpu/row_blocks.h"
+#include "cpu/scratch.h"
 #include "cpu/vec/bias_gelu.h"
 #include "cpu/vec/packed_gemm.h"
 #include "cpu/vec/transpose.h"
@@ -192,7 +193,7 @@ Tensor even_k_operand(const Tensor& a) {
 // [rows, cols] with an even row stride whose padding column (odd cols) is zero: a buffer the
 // epilogues fill that is then a packed_gemm A operand with K = cols.
 Tensor even_k_buffer(int64_t rows, int64_t cols, const Tensor& like) {
-  auto buf = at::empty({rows, cols + cols % 2}, like.options());
+  auto buf = empty_huge_paged({rows, cols + cols % 2}, like.options());
   if (cols % 2 != 0) buf.narrow(1, cols, 1).zero_();
   return buf;
 }
@@ -384,7 +385,7 @@ Tensor projector_pack_weight_cpu(const Tensor& w) {
   TORCH_CHECK_VALUE(w.scalar_type() == at::kBFloat16,
                     "projector_pack_weight: w must be bfloat16, got ", w.scalar_type());
   check_tile_gemm("projector_pack_weight");
-  auto packed = at::empty(packed_weight_shape(w), w.options());
+  auto packed = empty_huge_paged(packed_weight_shape(w), w.options());
   if (packed.numel() == 0) return packed;
   const auto wu = unit_stride(w);
   const int64_t k = packed.size(1) * 2;

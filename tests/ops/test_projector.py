@@ -93,6 +93,7 @@ TILE_PATH_TESTS = [
     "tests/ops/test_projector.py::test_bfloat16_packed_backward_gradients",
     "tests/ops/test_projector.py::test_bfloat16_packed_backward_over_panels",
     "tests/ops/test_projector.py::test_bfloat16_packed_forward_over_panels",
+    "tests/ops/test_projector.py::test_bfloat16_buffers_on_huge_pages",
     "tests/ops/test_projector.py::test_bfloat16_gelu_on_every_input",
     "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples",
     "tests/ops/test_projector_prepacked.py",
@@ -181,6 +182,18 @@ def test_bfloat16_packed_backward_over_panels(hidden):
     dt = torch.bfloat16
     x = torch.randn(1100, 40, dtype=dt)
     w1, b1, w2, b2 = make_weights(40, hidden, 4096, device="cpu", dtype=dt, bias=True)
+    args = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
+    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+
+
+@pytest.mark.skipif(not _tiles_can_run(), reason="no avx512_bf16 in the active build")
+def test_bfloat16_buffers_on_huge_pages():
+    """Buffers of 8 MiB and more come from huge pages (cpu/scratch.h): at hidden 2048 the
+    forward's activation panel (2048 rows) and the backward's grad_h^T and act^T (2048 x 2050,
+    odd token count padded) are that large. Their values are the reference's."""
+    dt = torch.bfloat16
+    x = torch.randn(2049, 40, dtype=dt)
+    w1, b1, w2, b2 = make_weights(40, 2048, 72, device="cpu", dtype=dt, bias=True)
     args = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
 
