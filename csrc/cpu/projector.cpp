@@ -44,7 +44,7 @@
 #include "common/projector.h"
 #include "cpu/isa.h"
 #include "cpu/row_blocks.h"
-#include "cpu/scratch.h"
+#include "cpu/huge_pages.h"
 #include "cpu/vec/bias_gelu.h"
 #include "cpu/vec/packed_gemm.h"
 #include "cpu/vec/transpose.h"

@@ -31,7 +31,7 @@ def _layout(w):
 def test_pack_weight_layout(n, k, sliced):
     """Odd K (a zero pair member), N past a 64-column block, and weights read with a row stride
     (slices of a wider tensor) or an unaligned start. The packed copy of 2048 x 2049 is over 8
-    MiB: it is allocated on huge pages (cpu/scratch.h)."""
+    MiB: it is allocated on huge pages (cpu/huge_pages.h)."""
     w = torch.randn(n, k + 3, dtype=torch.bfloat16)[:, 3:] if sliced else \
         torch.randn(n, k, dtype=torch.bfloat16)
     assert torch.equal(pack(w), _layout(w))

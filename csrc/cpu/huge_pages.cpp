@@ -1,4 +1,5 @@
-#include "cpu/scratch.h"
+// empty_huge_paged (declared in huge_pages.h).
+#include "cpu/huge_pages.h"
 
 #include <ATen/ops/empty.h>
 #include <ATen/ops/from_blob.h>
