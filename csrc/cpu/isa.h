@@ -1,8 +1,6 @@
 // Run-time choice among the per-ISA builds of csrc/cpu/vec/*.cpp (see setup.py).
 #pragma once
 
-#include <cstdint>
-
 namespace mmfast::cpu {
 
 enum class Isa : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };

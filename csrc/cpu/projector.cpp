@@ -42,9 +42,9 @@
 #include <vector>
 
 #include "common/projector.h"
+#include "cpu/huge_pages.h"
 #include "cpu/isa.h"
 #include "cpu/row_blocks.h"
-#include "cpu/huge_pages.h"
 #include "cpu/vec/bias_gelu.h"
 #include "cpu/vec/packed_gemm.h"
 #include "cpu/vec/transpose.h"
