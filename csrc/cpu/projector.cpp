@@ -440,26 +440,32 @@ Tensor bias_partials(const Tensor& h2, int64_t nblocks, bool needed) {
                 : Tensor();
 }
 
-// backward_rows through packed_gemm (bfloat16, grad_h needed).
+// backward_rows through packed_gemm (bfloat16, grad_h needed). The GEMMs run in the order that
+// holds the fewest [H, N]-sized buffers at a time: g w2 (its epilogue writes grad_h^T), then
+// the gradients that need grad_h^T (dw1, dx), which is then freed, then dw2. On AMX tiles dw2's
+// A operand, act^T, is packed straight from h with the GELU applied (PackedGemm::a_gelu_t), so
+// the activation is never stored; elsewhere g w2's epilogue also writes act^T. Measured with the
+// benchmark harness's peak (LLaVA-1.5-7B, 8 images, training step), act^T and grad_h^T alive
+// together with dw2 put the step's peak 23-36 MiB above eager's.
 std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, const Tensor& h2,
                                            const std::optional<Tensor>& w1, const Tensor& w2,
                                            bool tanh_form, std::array<bool, 5> mask) {
   std::array<Tensor, 5> grads;
   const int64_t m = g.size(0), hid = h2.size(1), hout = g.size(1), cin = x2.size(1);
-  // grad_h^T and act^T [H, M]: the A operands of the weight GEMMs, written by the epilogue of
-  // g w2 (tokens padded to even with a zero column, as packed_gemm wants).
+  const bool act_from_h = bf16_gemm_amx();
+  // grad_h^T (and act^T) [H, M]: row-major A operands of the weight GEMMs (tokens padded to
+  // even with a zero column, as packed_gemm wants)
   auto grad_t = even_k_buffer(hid, m, g);
-  auto act_t = mask[3] ? even_k_buffer(hid, m, g) : Tensor();
+  auto act_t = mask[3] && !act_from_h ? even_k_buffer(hid, m, g) : Tensor();
   // one row of partials per kGemmRows-row tile (PackedGemm::bias_grad)
   Tensor partial = bias_partials(h2, ceil_div(m, kGemmRows), mask[2]);
-  if (mask[3]) grads[3] = at::empty({hout, hid}, g.options());
   {
     const auto a = even_k_operand(g);
     const auto w = unit_stride(w2);
     auto p = gemm_over(a, w, false, GemmEpilogue::kGeluGradT);  // B = w2 [Hout, H]
     p.out = grad_t.mutable_data_ptr<BF16>();
     p.ldo = grad_t.stride(0);
-    p.out2 = mask[3] ? act_t.mutable_data_ptr<BF16>() : nullptr;
+    p.out2 = act_t.defined() ? act_t.mutable_data_ptr<BF16>() : nullptr;
     p.ldo2 = grad_t.stride(0);
     p.h = h2.const_data_ptr<BF16>();
     p.ldh = h2.stride(0);
@@ -467,24 +473,15 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
     p.tanh_form = tanh_form;
     // With several panels of g, w2's column blocks would each be packed once per panel, by
     // loads a row of w2 apart (10 KiB at 13B: a page each, so TLB misses too; ~2% of the 13B
-    // training step's samples). Packed once, row by row in order, it took 0.1%. The packed
-    // copy lives in dw2's buffer (as large when hidden is a multiple of 64), which dw2's GEMM
-    // overwrites afterwards: no memory beyond what the backward holds anyway, and the buffer's
-    // first-touch page faults (above 32 MiB malloc maps fresh pages) are paid only once.
-    if (gemm_panels(p) > 1 && mask[3] && packed_b_numel(p) <= grads[3].numel()) {
-      pack_b_once(p, grads[3]);
+    // training step's samples). Packed once, row by row in order, it took 0.1%.
+    Tensor w2_packed;
+    if (gemm_panels(p) > 1) {
+      w2_packed = empty_huge_paged({packed_b_numel(p)}, g.options());
+      pack_b_once(p, w2_packed);
     }
     run_packed_gemm(p);
   }
   if (mask[2]) grads[2] = partial.sum(0).to(h2.scalar_type());
-  if (mask[3]) {
-    // dw2^T [H, Hout] = act^T g, stored transposed
-    auto p = gemm_over(act_t.narrow(1, 0, m), g, false, GemmEpilogue::kStoreT);
-    p.out = grads[3].mutable_data_ptr<BF16>();
-    p.ldo = hid;
-    run_packed_gemm(p);
-    act_t.reset();  // before the next GEMMs allocate: lowers the backward's peak
-  }
   if (mask[4]) grads[4] = g.sum(0);
   if (mask[1]) {
     // dw1 [H, Cin] = grad_h^T x
@@ -496,6 +493,30 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
     run_packed_gemm(p);
   }
   if (mask[0]) grads[0] = at::mm(grad_t.narrow(1, 0, m).t(), *w1);
+  grad_t.reset();
+  if (mask[3]) {
+    // dw2^T [H, Hout] = act^T g, stored transposed
+    grads[3] = at::empty({hout, hid}, g.options());
+    PackedGemm p;
+    if (act_from_h) {  // A [H, M] = gelu(h2)^T, B = g [M, Hout]
+      p.m = hid;
+      p.n = hout;
+      p.k = m + m % 2;
+      p.a = h2.const_data_ptr<BF16>();
+      p.lda = h2.stride(0);
+      p.a_gelu_t = true;
+      p.tanh_form = tanh_form;
+      p.b = g.const_data_ptr<BF16>();
+      p.ldb = g.stride(0);
+      p.b_k = m;
+      p.epilogue = GemmEpilogue::kStoreT;
+    } else {
+      p = gemm_over(act_t.narrow(1, 0, m), g, false, GemmEpilogue::kStoreT);
+    }
+    p.out = grads[3].mutable_data_ptr<BF16>();
+    p.ldo = hid;
+    run_packed_gemm(p);
+  }
   return grads;
 }
 

@@ -176,9 +176,9 @@ def test_bfloat16_packed_backward_gradients(trained):
 
 @pytest.mark.parametrize("hidden", [128, 100])
 def test_bfloat16_packed_backward_over_panels(hidden):
-    """bfloat16, grad_out over 8 MiB (1100 x 4096: two panels of its rows in the g w2 GEMM).
-    With hidden a multiple of 64 w2 is packed once for both panels, into dw2's buffer before
-    dw2 is computed there; with hidden 100 each panel packs w2's column blocks itself."""
+    """bfloat16, grad_out over 8 MiB (1100 x 4096: two panels of its rows in the g w2 GEMM,
+    which packs w2 once for both). On AMX tiles dw2 reads the activation packed from h; hidden
+    100 ends in a partial group of 16 units."""
     dt = torch.bfloat16
     x = torch.randn(1100, 40, dtype=dt)
     w1, b1, w2, b2 = make_weights(40, hidden, 4096, device="cpu", dtype=dt, bias=True)

@@ -244,9 +244,46 @@ void pack_a_tiles(const BF16* a, int64_t lda, int64_t rows, int64_t k, int64_t s
   }
 }
 
+// Rows [m0, m0 + rows) of A = gelu(h)^T into AMX A tiles laid out as pack_a_tiles lays them
+// out: A[i][t] = bf16(gelu(h[t * ldh + m0 + i])), zeros past `tokens` and past `rows` up to a
+// multiple of 16. Each tile is 32 tokens x 16 units of h taken through the GELU in float32 (the
+// value an unfused backward's bfloat16 activation has) and transposed into 16 rows of 32.
+MMFAST_BF16_TARGET void pack_a_tiles_gelu_t(const BF16* h, int64_t ldh, int64_t tokens,
+                                            int64_t m0, int64_t rows, int64_t steps,
+                                            bool tanh_form, BF16* dst) {
+  constexpr int64_t kTile = kAmxTileRows * kAmxTileDepth;
+  const GeluForm gelu(tanh_form);
+  alignas(64) float act[kAmxTileDepth * kAmxTileRows];  // [token][unit]
+  alignas(64) float t[kAmxTileRows * kAmxTileDepth];    // [unit][token]
+  const int64_t groups = ceil_div(rows, kAmxTileRows);
+  for (int64_t q = 0; q < steps; ++q) {
+    for (int64_t rt = 0; rt < groups; ++rt) {
+      const int64_t units = std::min(kAmxTileRows, rows - rt * kAmxTileRows);
+      const __mmask16 mask = static_cast<__mmask16>((1u << units) - 1);
+      const BF16* src = h + m0 + rt * kAmxTileRows;
+      for (int64_t kk = 0; kk < kAmxTileDepth; ++kk) {
+        const int64_t token = q * kAmxTileDepth + kk;
+        __m512 v = _mm512_setzero_ps();
+        if (token < tokens) {  // bfloat16 bits are a float's upper 16 bits
+          const __m256i bits = _mm256_maskz_loadu_epi16(mask, src + token * ldh);
+          v = gelu(fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))));
+        }
+        _mm512_store_ps(act + kk * kAmxTileRows, v);
+      }
+      transpose32(act, kAmxTileRows, t, kAmxTileDepth, kAmxTileDepth, kAmxTileRows);
+      BF16* tile = dst + (rt * steps + q) * kTile;
+      for (int64_t r = 0; r < kAmxTileRows; ++r) {
+        store_bf16(tile + r * kAmxTileDepth, kAmxTileDepth,
+                   fVec::loadu(t + r * kAmxTileDepth), fVec::loadu(t + r * kAmxTileDepth + 16));
+      }
+    }
+  }
+}
+
 }  // namespace
 
 void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
+  TORCH_INTERNAL_ASSERT(queue->amx || !g.a_gelu_t, "a_gelu_t needs the AMX tiles");
   const int64_t mblocks = ceil_div(g.m, kGemmRows), nblocks = ceil_div(g.n, kPackCols);
   const bool transposed =
       g.epilogue == GemmEpilogue::kStoreT || g.epilogue == GemmEpilogue::kGeluGradT;
@@ -288,8 +325,14 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
       // The buffer last held panel - 2, whose items were all taken before this one.
       if (panel >= 2) wait_for(queue->done_items[panel - 2], compute_items(panel - 2));
       const int64_t m0 = (panel * panel_tiles + local) * kGemmRows;
-      pack_a_tiles(g.a + m0 * g.lda, g.lda, std::min(kGemmRows, g.m - m0), g.k, queue->a_steps,
-                   a_panel + local * a_tile_elems);
+      const int64_t rows = std::min(kGemmRows, g.m - m0);
+      if (g.a_gelu_t) {
+        pack_a_tiles_gelu_t(g.a, g.lda, g.b_k, m0, rows, queue->a_steps, g.tanh_form,
+                            a_panel + local * a_tile_elems);
+      } else {
+        pack_a_tiles(g.a + m0 * g.lda, g.lda, rows, g.k, queue->a_steps,
+                     a_panel + local * a_tile_elems);
+      }
       queue->packed_tiles[panel].fetch_add(1, std::memory_order_release);
       continue;
     }

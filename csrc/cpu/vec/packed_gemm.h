@@ -49,6 +49,10 @@ struct PackedGemm {
   int64_t m = 0, n = 0, k = 0;
   const c10::BFloat16* a = nullptr;  // [M, K], row stride lda
   int64_t lda = 0;
+  // A given transposed, with the GELU (tanh_form) applied as its tiles are packed: A[i][t] =
+  // gelu(a[t * lda + i]) for t < b_k, zeros past b_k (a: the pre-activation h [tokens, M],
+  // whose activation the GEMM then reads without an [M, tokens] copy). AMX tiles only.
+  bool a_gelu_t = false;
   // B, given either as B^T [N, b_k] (a weight as stored: b_nk) or as rows [b_k, N] (row r at
   // b + b_rows[r] * ldb; b_rows null: r). b_k is k or k - 1.
   const c10::BFloat16* b = nullptr;
@@ -74,7 +78,8 @@ struct PackedGemm {
 
 // Tiles of kGemmRows rows per panel of A (<= kPanelBytes, at least one tile).
 inline int64_t gemm_panel_tiles(const PackedGemm& g) {
-  return std::max<int64_t>(1, kPanelBytes / (g.lda * 2 * kGemmRows));
+  const int64_t row_elems = g.a_gelu_t ? g.k : g.lda;
+  return std::max<int64_t>(1, kPanelBytes / (row_elems * 2 * kGemmRows));
 }
 
 // Panels of A rows the GEMM walks (packed_gemm_bf16); each packs every block of B once.
