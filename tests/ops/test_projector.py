@@ -189,8 +189,9 @@ def test_bfloat16_packed_backward_over_panels(hidden):
 @pytest.mark.skipif(not _tiles_can_run(), reason="no avx512_bf16 in the active build")
 def test_bfloat16_buffers_on_huge_pages():
     """Buffers of 8 MiB and more come from huge pages (cpu/huge_pages.h): at hidden 2048 the
-    forward's activation panel (2048 rows) and the backward's grad_h^T and act^T (2048 x 2050,
-    odd token count padded) are that large. Their values are the reference's."""
+    forward's activation panel (2048 rows) and the backward's grad_h^T (and act^T on the
+    vdpbf16ps tiles; 2048 x 2050, odd token count padded) are that large. Their values are the
+    reference's."""
     dt = torch.bfloat16
     x = torch.randn(2049, 40, dtype=dt)
     w1, b1, w2, b2 = make_weights(40, 2048, 72, device="cpu", dtype=dt, bias=True)
