@@ -473,9 +473,11 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
     p.tanh_form = tanh_form;
     // With several panels of g, w2's column blocks would each be packed once per panel, by
     // loads a row of w2 apart (10 KiB at 13B: a page each, so TLB misses too; ~2% of the 13B
-    // training step's samples). Packed once, row by row in order, it took 0.1%.
+    // training step's samples). Packed once, row by row in order, it took 0.1%. The copy is
+    // as large as w2 and held during this GEMM: taken when w2 is trained (the backward then
+    // holds dw2, as large, too), not when w2 is frozen and the backward's peak is lower.
     Tensor w2_packed;
-    if (gemm_panels(p) > 1) {
+    if (gemm_panels(p) > 1 && mask[3]) {
       w2_packed = empty_huge_paged({packed_b_numel(p)}, g.options());
       pack_b_once(p, w2_packed);
     }
