@@ -70,14 +70,16 @@ MMFAST_BF16_TARGET inline void store_bf16(BF16* p, int64_t n, const fVec& lo, co
   }
 }
 
+// 16 bfloat16 values as floats: bfloat16 bits are a float's upper 16 bits.
+MMFAST_BF16_TARGET inline fVec widen_bf16(__m256i bits) {
+  return fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16)));
+}
+
 // The float pair rounded to bfloat16 and widened back: the value a bfloat16 tensor would hold.
 MMFAST_BF16_TARGET inline void round_bf16(fVec& lo, fVec& hi) {
   const __m512i v = to_bf16(lo, hi);
-  const auto widen = [](__m256i half) {  // bfloat16 bits are a float's upper 16 bits
-    return fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(half), 16)));
-  };
-  lo = widen(_mm512_castsi512_si256(v));
-  hi = widen(_mm512_extracti64x4_epi64(v, 1));
+  lo = widen_bf16(_mm512_castsi512_si256(v));
+  hi = widen_bf16(_mm512_extracti64x4_epi64(v, 1));
 }
 
 // A tile of float32 rows (stride kPackCols) -> bfloat16 rows of dst, transposed:
@@ -264,10 +266,7 @@ MMFAST_BF16_TARGET void pack_a_tiles_gelu_t(const BF16* h, int64_t ldh, int64_t 
       for (int64_t kk = 0; kk < kAmxTileDepth; ++kk) {
         const int64_t token = q * kAmxTileDepth + kk;
         __m512 v = _mm512_setzero_ps();
-        if (token < tokens) {  // bfloat16 bits are a float's upper 16 bits
-          const __m256i bits = _mm256_maskz_loadu_epi16(mask, src + token * ldh);
-          v = gelu(fVec(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16))));
-        }
+        if (token < tokens) v = gelu(widen_bf16(_mm256_maskz_loadu_epi16(mask, src + token * ldh)));
         _mm512_store_ps(act + kk * kAmxTileRows, v);
       }
       transpose32(act, kAmxTileRows, t, kAmxTileDepth, kAmxTileDepth, kAmxTileRows);
