@@ -70,6 +70,15 @@ TORCH_LIBRARY(mmfast, m) {
   // inference holds one [N, hidden] buffer less.
   m.def("projector(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, str approximate=\"none\", bool keep_h=True) -> (Tensor, Tensor)");
   m.def("projector_backward(Tensor grad_out, Tensor x, Tensor h, Tensor? w1, Tensor w2, str approximate, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The CPU training graph as two autograd nodes, so that w2's gradient reaches w2.grad before
+  // w1's is computed (csrc/cpu/projector.cpp): link = _projector_link(x, w1) [H, M] (zero
+  // strides) stands for the first layer's output; _projector_linked is projector's forward,
+  // also taking link; its backward (_head, output_mask: link, b1, w2, b2) returns grad_h^T
+  // [H, M] as link's gradient, from which link's (_tail, output_mask: x, w1) takes x's and w1's.
+  m.def("_projector_link(Tensor x, Tensor w1) -> Tensor");
+  m.def("_projector_linked(Tensor x, Tensor w1, Tensor? b1, Tensor w2, Tensor? b2, Tensor link, str approximate=\"none\") -> (Tensor, Tensor)");
+  m.def("_projector_backward_head(Tensor grad_out, Tensor x, Tensor h, Tensor w2, str approximate, bool[4] output_mask) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("_projector_backward_tail(Tensor grad_link, Tensor x, Tensor? w1, bool[2] output_mask) -> (Tensor, Tensor)");
   // Inference with weights packed once (CPU, mmfast's bfloat16 tile GEMMs; used by
   // mmfast.nn.Projector.prepack): a weight [N, K] packed as [ceil(N/64), ceil(K/2), 64, 2],
   // then the forward from both packed copies (the weights they were made from are passed for

@@ -30,6 +30,7 @@
 #include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/util/accumulate.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -440,18 +441,61 @@ Tensor bias_partials(const Tensor& h2, int64_t nblocks, bool needed) {
                 : Tensor();
 }
 
+// grad_h^T [H, M] as the head hands it to the first layer's node (projector_linked_cpu): row
+// stride M rounded up to even, the padding column zero (the packed GEMM's A operand as is).
+// The fake kernel (mmfast/ops/projector.py) gives the same strides.
+Tensor link_gradient_buffer(int64_t hidden, int64_t m, const Tensor& like) {
+  return even_k_buffer(hidden, m, like).narrow(1, 0, m);
+}
+
+// The first layer's gradients from grad_t = grad_h^T [H, M] (any strides): dx [M, Cin] =
+// grad_h w1 and dw1 [H, Cin] = grad_h^T x2; mask: (x, w1). zero_padded: grad_t is a view of an
+// even_k_buffer, whose padding column (odd M) packed_gemm may read. Otherwise an odd M is read
+// in place only by the AMX tiles, which pack A's values past B's K as zeros, and by the
+// vdpbf16ps tiles from a copy with a zero column.
+std::pair<Tensor, Tensor> first_layer_backward(const Tensor& grad_t, const Tensor& x2,
+                                               const std::optional<Tensor>& w1,
+                                               std::array<bool, 2> mask, bool zero_padded) {
+  Tensor grad_x, grad_w1;
+  const int64_t hid = grad_t.size(0), m = grad_t.size(1), cin = x2.size(1);
+  if (mask[1]) {
+    if (m >= kPackedBackwardMinRows && use_packed_gemm(grad_t, {hid, m, cin})) {
+      const bool in_place = grad_t.stride(1) == 1 && grad_t.stride(0) >= m + m % 2 &&
+                            (m % 2 == 0 || zero_padded || bf16_gemm_amx());
+      Tensor a = grad_t;
+      if (!in_place) {
+        a = even_k_buffer(hid, m, grad_t).narrow(1, 0, m);
+        a.copy_(grad_t);
+      }
+      const auto x = unit_stride(x2);
+      grad_w1 = at::empty({hid, cin}, grad_t.options());
+      auto p = gemm_over(a, x, false, GemmEpilogue::kStore);
+      p.out = grad_w1.mutable_data_ptr<BF16>();
+      p.ldo = cin;
+      run_packed_gemm(p);
+    } else if (grad_t.scalar_type() == at::kFloat && f32_gemm_onednn() && x2.is_contiguous() &&
+               grad_t.is_contiguous()) {
+      grad_w1 = onednn_linear(grad_t, x2.t(), std::nullopt);
+    }
+    if (!grad_w1.defined()) grad_w1 = at::mm(grad_t, x2);
+  }
+  if (mask[0]) grad_x = at::mm(grad_t.t(), *w1);
+  return {grad_x, grad_w1};
+}
+
 // backward_rows through packed_gemm (bfloat16, grad_h needed). The GEMMs run in the order that
 // holds the fewest [H, N]-sized buffers at a time: g w2 (its epilogue writes grad_h^T), then
-// the gradients that need grad_h^T (dw1, dx), which is then freed, then dw2. On AMX tiles dw2's
+// the gradients that need grad_h^T (dw1, dx), which is then freed, then dw2. With `link` (see
+// backward_rows) grad_h^T is returned instead, and lives on through dw2. On AMX tiles dw2's
 // A operand, act^T, is packed straight from h with the GELU applied (PackedGemm::a_gelu_t), so
 // the activation is never stored; elsewhere g w2's epilogue also writes act^T. Measured with the
 // benchmark harness's peak (LLaVA-1.5-7B, 8 images, training step), act^T and grad_h^T alive
 // together with dw2 put the step's peak 23-36 MiB above eager's.
-std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, const Tensor& h2,
+std::array<Tensor, 6> backward_rows_packed(const Tensor& g, const Tensor& x2, const Tensor& h2,
                                            const std::optional<Tensor>& w1, const Tensor& w2,
-                                           bool tanh_form, std::array<bool, 5> mask) {
-  std::array<Tensor, 5> grads;
-  const int64_t m = g.size(0), hid = h2.size(1), hout = g.size(1), cin = x2.size(1);
+                                           bool tanh_form, std::array<bool, 5> mask, bool link) {
+  std::array<Tensor, 6> grads;
+  const int64_t m = g.size(0), hid = h2.size(1), hout = g.size(1);
   const bool act_from_h = bf16_gemm_amx();
   // grad_h^T (and act^T) [H, M]: row-major A operands of the weight GEMMs (tokens padded to
   // even with a zero column, as packed_gemm wants)
@@ -485,16 +529,12 @@ std::array<Tensor, 5> backward_rows_packed(const Tensor& g, const Tensor& x2, co
   }
   if (mask[2]) grads[2] = partial.sum(0).to(h2.scalar_type());
   if (mask[4]) grads[4] = g.sum(0);
-  if (mask[1]) {
-    // dw1 [H, Cin] = grad_h^T x
-    const auto x = unit_stride(x2);
-    grads[1] = at::empty({hid, cin}, g.options());
-    auto p = gemm_over(grad_t.narrow(1, 0, m), x, false, GemmEpilogue::kStore);
-    p.out = grads[1].mutable_data_ptr<BF16>();
-    p.ldo = cin;
-    run_packed_gemm(p);
+  if (link) {
+    grads[5] = grad_t.narrow(1, 0, m);
+  } else {
+    std::tie(grads[0], grads[1]) =
+        first_layer_backward(grad_t.narrow(1, 0, m), x2, w1, {mask[0], mask[1]}, true);
   }
-  if (mask[0]) grads[0] = at::mm(grad_t.narrow(1, 0, m).t(), *w1);
   grad_t.reset();
   if (mask[3]) {
     // dw2^T [H, Hout] = act^T g, stored transposed
@@ -547,20 +587,24 @@ constexpr int64_t kPassTileCols = 256;
 // The price: oneDNN sums the whole K in registers, so the weight gradients' max error against
 // float64 (random inputs) is 2.6x MKL's at K = 4608 tokens (8.4e-7 of the largest value
 // against 3.2e-7) and 2x at 729.
-std::array<Tensor, 5> backward_rows_onednn(const Tensor& g, const Tensor& x2, const Tensor& h2,
+std::array<Tensor, 6> backward_rows_onednn(const Tensor& g, const Tensor& x2, const Tensor& h2,
                                            const std::optional<Tensor>& w1, const Tensor& w2,
-                                           bool tanh_form, std::array<bool, 5> mask) {
-  const bool need_grad_h = mask[0] || mask[1] || mask[2];
+                                           bool tanh_form, std::array<bool, 5> mask, bool link) {
+  const bool need_grad_h = link || mask[0] || mask[1] || mask[2];
   const int64_t rows = h2.size(0);
   const int64_t cols = h2.size(1);
-  std::array<Tensor, 5> grads;
+  std::array<Tensor, 6> grads;
   // [N, H] = g w2, turned into grad_h in place by the pass, then free
   Tensor raw = need_grad_h ? onednn_linear(g,
                                            rows >= kTransposeWeightMinRows ? transposed_float(w2)
                                                                            : w2.t(),
                                            std::nullopt)
                            : Tensor();
-  Tensor grad_h_t = need_grad_h ? at::empty({cols, rows}, h2.options()) : Tensor();  // [H, N]
+  // [H, N]
+  Tensor grad_h_t = !need_grad_h ? Tensor()
+                    : link       ? link_gradient_buffer(cols, rows, h2)
+                                 : at::empty({cols, rows}, h2.options());
+  const int64_t ld_t = need_grad_h ? grad_h_t.stride(0) : 0;
   Tensor act_t = mask[3] ? at::empty({cols, rows}, h2.options()) : Tensor();         // [H, N]
   const int64_t block = bias_block_rows(rows, cols, kBiasBlocks, kPassTileRows);
   const int64_t nblocks = ceil_div(rows, block);
@@ -590,7 +634,7 @@ std::array<Tensor, 5> backward_rows_onednn(const Tensor& g, const Tensor& x2, co
           }
           if (grad != nullptr) {
             transpose(grad + r0 * cols + c0, cols,
-                      grad_h_t.mutable_data_ptr<float>() + c0 * rows + r0, rows, nr, nc);
+                      grad_h_t.mutable_data_ptr<float>() + c0 * ld_t + r0, ld_t, nr, nc);
           }
         }
       }
@@ -599,11 +643,12 @@ std::array<Tensor, 5> backward_rows_onednn(const Tensor& g, const Tensor& x2, co
   if (mask[2]) grads[2] = partial.sum(0);
   if (mask[4]) grads[4] = g.sum(0);
   const auto first_layer_grads = [&] {
-    if (mask[1]) {
-      if (x2.is_contiguous()) grads[1] = onednn_linear(grad_h_t, x2.t(), std::nullopt);
-      if (!grads[1].defined()) grads[1] = at::mm(grad_h_t, x2);
+    if (link) {
+      grads[5] = grad_h_t;
+    } else if (need_grad_h) {
+      std::tie(grads[0], grads[1]) =
+          first_layer_backward(grad_h_t, x2, w1, {mask[0], mask[1]}, false);
     }
-    if (mask[0]) grads[0] = at::mm(grad_h_t.t(), *w1);
     grad_h_t.reset();
   };
   const auto w2_grad = [&] {
@@ -615,8 +660,8 @@ std::array<Tensor, 5> backward_rows_onednn(const Tensor& g, const Tensor& x2, co
     act_t.reset();
   };
   // The smaller of grad_h^T [H, N] and dw1 [H, Cin] is the one live next to dw2's operands
-  // and output.
-  if (rows > x2.size(1)) {
+  // and output (with `link` grad_h^T is returned, and so is live).
+  if (!link && rows > x2.size(1)) {
     first_layer_grads();
     w2_grad();
   } else {
@@ -628,11 +673,14 @@ std::array<Tensor, 5> backward_rows_onednn(const Tensor& g, const Tensor& x2, co
 
 // Gradients of the projector from g [N, Hout] (grad of its output rows), x2 [N, Cin] and the
 // saved pre-activation h2 [N, H]. mask: which of (x, w1, b1, w2, b2) to compute; the others
-// come back undefined and cost nothing.
-std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Tensor& h2,
+// come back undefined and cost nothing. link: instead of dx and dw1 (mask[0], mask[1] false,
+// x2 unused) grad_h^T [H, N] comes back as the sixth, for the first layer's gradients to be
+// taken by first_layer_backward in an autograd node of their own (projector_linked_cpu).
+std::array<Tensor, 6> backward_rows(const Tensor& g, const Tensor& x2, const Tensor& h2,
                                     const std::optional<Tensor>& w1, const Tensor& w2, bool tanh_form,
-                                    std::array<bool, 5> mask) {
-  const bool need_grad_h = mask[0] || mask[1] || mask[2];
+                                    std::array<bool, 5> mask, bool link = false) {
+  TORCH_INTERNAL_ASSERT(!link || (!mask[0] && !mask[1]));
+  const bool need_grad_h = link || mask[0] || mask[1] || mask[2];
   // Without grad_h (only w2 / b2 trained) there is no g w2 GEMM whose epilogue could make act:
   // that case stays on the unfused path below. Neither do fewer than kPackedBackwardMinRows
   // tokens: the weight GEMMs' K is the token count, and at small K packing each block of B
@@ -641,18 +689,19 @@ std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Ten
   // 0.99x at 384, 0.95x at 729.
   if (need_grad_h && g.size(0) >= kPackedBackwardMinRows &&
       use_packed_gemm(g, {g.size(0), g.size(1), h2.size(1)})) {
-    return backward_rows_packed(g, x2, h2, w1, w2, tanh_form, mask);
+    return backward_rows_packed(g, x2, h2, w1, w2, tanh_form, mask, link);
   }
-  std::array<Tensor, 5> grads;
+  std::array<Tensor, 6> grads;
   const int64_t rows = h2.size(0);
   const int64_t cols = h2.size(1);
   if (g.scalar_type() == at::kFloat && rows > 0 && cols > 0 && g.size(1) > 0 &&
       f32_gemm_onednn() && onednn_linear_op().has_value()) {
-    return backward_rows_onednn(g, x2, h2, w1, w2, tanh_form, mask);
+    return backward_rows_onednn(g, x2, h2, w1, w2, tanh_form, mask, link);
   }
   Tensor act = mask[3] ? at::empty_like(h2) : Tensor();
   // [N, H] = g w2, turned into grad_h in place
   Tensor grad_h = need_grad_h ? at::mm(g, w2) : Tensor();
+  Tensor grad_t;  // with link: grad_h^T in link_gradient_buffer's layout
   if (mask[3] || need_grad_h) {
     const int64_t block = bias_block_rows(rows, cols, kBiasBlocks);
     const int64_t nblocks = ceil_div(rows, block);
@@ -669,17 +718,27 @@ std::array<Tensor, 5> backward_rows(const Tensor& g, const Tensor& x2, const Ten
     });
     if (mask[2]) grads[2] = partial.sum(0).to(h2.scalar_type());
   }
+  if (link) {
+    // transposed before dw2 exists, so that grad_h's buffer is free by then
+    grad_t = link_gradient_buffer(cols, rows, h2);
+    grad_t.copy_(grad_h.t());
+    grad_h.reset();
+  }
   if (mask[3]) {
     grads[3] = at::mm(g.t(), act);
     act.reset();  // before the next GEMMs allocate: lowers the backward's peak
   }
   if (mask[4]) grads[4] = g.sum(0);
-  if (mask[1]) grads[1] = at::mm(grad_h.t(), x2);
-  if (mask[0]) grads[0] = at::mm(grad_h, *w1);
+  if (link) {
+    grads[5] = grad_t;
+  } else if (need_grad_h) {
+    std::tie(grads[0], grads[1]) =
+        first_layer_backward(grad_h.t(), x2, w1, {mask[0], mask[1]}, false);
+  }
   return grads;
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> to_outputs(std::array<Tensor, 5>& grads,
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> to_outputs(std::array<Tensor, 6>& grads,
                                                               const Tensor& x) {
   return {defined_or_empty(grads[0], x), defined_or_empty(grads[1], x),
           defined_or_empty(grads[2], x), defined_or_empty(grads[3], x),
@@ -698,6 +757,92 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> projector_backward_cpu(
                              w1, w2, tanh_form, output_mask);
   if (grads[0].defined()) grads[0] = grads[0].view(x.sizes());
   return to_outputs(grads, x);
+}
+
+// The training graph on CPU is two autograd nodes (mmfast/ops/projector.py): link =
+// _projector_link(x, w1), an [H, M] tensor of zero strides (one element of storage) that stands
+// for the first layer's output, and _projector_linked (the forward, also taking link). The
+// latter's backward (projector_backward_head_cpu) returns b1's, w2's and b2's gradients and,
+// as link's, grad_h^T [H, M], from which link's backward (projector_backward_tail_cpu) takes
+// x's and w1's. Autograd then adds dw2 into w2.grad and frees it before dw1 exists, as eager's
+// two Linear nodes do; one node returning both held them together (InternVL's shapes: two
+// 32 MiB bfloat16 weights).
+int64_t leading_rows(const Tensor& x) {
+  return c10::multiply_integers(x.sizes().slice(0, x.dim() - 1));
+}
+
+// Its errors name the op the user called: projector.
+Tensor projector_link_cpu(const Tensor& x, const Tensor& w1) {
+  TORCH_CHECK_VALUE(x.dim() >= 1, "projector: x must have at least one dimension [..., ",
+                    "in_features]");
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
+                        x.scalar_type() == at::kBFloat16,
+                    "projector: x must be float32, float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == x.size(-1), "projector: w1 must have shape ",
+                    "[hidden, ", x.size(-1), "] (in_features = the last dim of x), got ",
+                    w1.sizes());
+  check_projector_operand("projector", "w1", w1, x);
+  auto link = at::empty_strided({w1.size(0), leading_rows(x)}, {0, 0}, x.options());
+  if (link.numel() > 0) link.as_strided({1}, {1}).zero_();  // its value: 0, not whatever was there
+  return link;
+}
+
+void check_link(const char* op, const char* name, const Tensor& link, const Tensor& x,
+                int64_t hidden) {
+  TORCH_CHECK_VALUE(link.dim() == 2 && link.size(0) == hidden && link.size(1) == leading_rows(x),
+                    op, ": ", name, " must have shape [", hidden, ", ", leading_rows(x),
+                    "] (hidden, the rows of x), got ", link.sizes());
+  check_projector_operand(op, name, link, x);
+}
+
+std::tuple<Tensor, Tensor> projector_linked_cpu(const Tensor& x, const Tensor& w1,
+                                                const std::optional<Tensor>& b1, const Tensor& w2,
+                                                const std::optional<Tensor>& b2,
+                                                const Tensor& link, c10::string_view approximate) {
+  check_projector_args("projector", x, w1, b1, w2, b2, approximate);
+  check_link("projector", "link", link, x, w1.size(0));
+  return projector_cpu(x, w1, b1, w2, b2, approximate, true);
+}
+
+// output_mask: (link, b1, w2, b2); returns their gradients (empty where not asked for).
+std::tuple<Tensor, Tensor, Tensor, Tensor> projector_backward_head_cpu(
+    const Tensor& grad_out, const Tensor& x, const Tensor& h, const Tensor& w2,
+    c10::string_view approximate, std::array<bool, 4> output_mask) {
+  const char* op = "projector_backward_head";
+  const bool tanh_form =
+      check_projector_backward_args(op, grad_out, x, h, std::nullopt, w2, approximate, false);
+  TORCH_CHECK_VALUE(grad_out.sizes().slice(0, grad_out.dim() - 1) == x.sizes().slice(0, x.dim() - 1),
+                    op, ": grad_out must have x's leading dims, got ", grad_out.sizes(), " for x ",
+                    x.sizes());
+  auto grads = backward_rows(as_rows(grad_out).contiguous(), as_rows(x), as_rows(h).contiguous(),
+                             std::nullopt, w2, tanh_form,
+                             {false, false, output_mask[1], output_mask[2], output_mask[3]},
+                             output_mask[0]);
+  return {defined_or_empty(grads[5], x), defined_or_empty(grads[2], x),
+          defined_or_empty(grads[3], x), defined_or_empty(grads[4], x)};
+}
+
+// grad_link: grad_h^T [H, M] (any strides); output_mask: (x, w1).
+std::tuple<Tensor, Tensor> projector_backward_tail_cpu(const Tensor& grad_link, const Tensor& x,
+                                                       const std::optional<Tensor>& w1,
+                                                       std::array<bool, 2> output_mask) {
+  const char* op = "projector_backward_tail";
+  TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension [..., in_features]");
+  TORCH_CHECK_VALUE(grad_link.dim() == 2, op, ": grad_link must be 2-D [hidden, ",
+                    leading_rows(x), "], got ", grad_link.sizes());
+  check_link(op, "grad_link", grad_link, x, grad_link.size(0));
+  TORCH_CHECK_VALUE(!output_mask[0] || (w1.has_value() && w1->defined()), op,
+                    ": w1 is needed for the gradient of x");
+  if (w1.has_value() && w1->defined()) {
+    TORCH_CHECK_VALUE(w1->dim() == 2 && w1->size(0) == grad_link.size(0) &&
+                          w1->size(1) == x.size(-1),
+                      op, ": w1 must have shape [", grad_link.size(0), ", ", x.size(-1), "], got ",
+                      w1->sizes());
+    check_projector_operand(op, "w1", *w1, x);
+  }
+  auto [gx, gw1] = first_layer_backward(grad_link, as_rows(x), w1, output_mask, false);
+  return {gx.defined() ? gx.view(x.sizes()) : at::empty({0}, x.options()),
+          defined_or_empty(gw1, x)};
 }
 
 // Positions (rows of embeds viewed as [-1, Hout]) of the True entries of image_mask, in order;
@@ -838,6 +983,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> projector_splice_back
 TORCH_LIBRARY_IMPL(mmfast, CPU, m) {
   m.impl("projector", &projector_cpu);
   m.impl("projector_backward", &projector_backward_cpu);
+  m.impl("_projector_link", &projector_link_cpu);
+  m.impl("_projector_linked", &projector_linked_cpu);
+  m.impl("_projector_backward_head", &projector_backward_head_cpu);
+  m.impl("_projector_backward_tail", &projector_backward_tail_cpu);
   m.impl("_projector_pack_weight", &projector_pack_weight_cpu);
   m.impl("_projector_prepacked", &projector_prepacked_cpu);
   m.impl("projector_splice", &projector_splice_cpu);

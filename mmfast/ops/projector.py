@@ -25,6 +25,11 @@ def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: to
     # Without a backward to come, h need not outlive the op: the GELU then runs in place.
     keep_h = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
+    if keep_h and x.device.type == "cpu" and (x.requires_grad or w1.requires_grad):
+        # Two autograd nodes, as eager's two Linear layers: w2's gradient is added into w2.grad
+        # and freed before w1's is computed (see _projector_link in csrc/registration.cpp).
+        link = torch.ops.mmfast._projector_link(x, w1)
+        return torch.ops.mmfast._projector_linked(x, w1, b1, w2, b2, link, approximate)[0]
     return torch.ops.mmfast.projector(x, w1, b1, w2, b2, approximate, keep_h)[0]
 
 
@@ -154,6 +159,120 @@ def _backward(ctx, grad_out, _grad_h):
 
 
 torch.library.register_autograd("mmfast::projector", _backward, setup_context=_setup_context)
+
+
+# --- CPU training graph: the first layer's gradients in a node of their own -----------------
+
+def rows_of(x) -> int:
+    return int(torch.Size(x.shape[:-1]).numel())
+
+
+def check_link(op: str, name: str, link, x, hidden: int) -> None:
+    """link / grad_link: [hidden, rows of x], grad_h^T's shape, which the link stands for."""
+    expected = (hidden, rows_of(x))
+    if tuple(link.shape) != expected:
+        raise ValueError(f"{op}: {name} must have shape {list(expected)} (hidden, the rows of x), "
+                         f"got {list(link.shape)}")
+    check_same(op, name, link, "x", x)
+
+
+@torch.library.register_fake("mmfast::_projector_link")
+def _link_fake(x, w1):
+    # errors name the op the user called (projector)
+    if x.dim() < 1:
+        raise ValueError(f"{OP}: x must have at least one dimension [..., in_features]")
+    check_float(OP, "x", x)
+    if w1.dim() != 2 or w1.shape[1] != x.shape[-1]:
+        raise ValueError(f"{OP}: w1 must have shape [hidden, {x.shape[-1]}] (in_features = the "
+                         f"last dim of x), got {list(w1.shape)}")
+    check_same(OP, "w1", w1, "x", x)
+    return x.new_empty_strided((w1.shape[0], rows_of(x)), (0, 0))
+
+
+@torch.library.register_fake("mmfast::_projector_linked")
+def _linked_fake(x, w1, b1, w2, b2, link, approximate="none"):
+    check_weights(OP, x, w1, b1, w2, b2, approximate)
+    check_link(OP, "link", link, x, w1.shape[0])
+    return _projector_fake(x, w1, b1, w2, b2, approximate, True)
+
+
+@torch.library.register_fake("mmfast::_projector_backward_head")
+def _backward_head_fake(grad_out, x, h, w2, approximate, output_mask):
+    op = "projector_backward_head"
+    check_backward(op, grad_out, x, h, None, w2, approximate, False)
+    if grad_out.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"{op}: grad_out must have x's leading dims, got {list(grad_out.shape)} "
+                         f"for x {list(x.shape)}")
+    m = rows_of(x)
+    # grad_h^T [H, M], rows padded to an even length (link_gradient_buffer in the CPU kernels)
+    grad_link = (x.new_empty_strided((h.shape[-1], m), (max(m + m % 2, 1), 1)) if output_mask[0]
+                 else x.new_empty(0))
+    shapes = ((h.shape[-1],), w2.shape, (w2.shape[0],))
+    return (grad_link,) + tuple(x.new_empty(s if k else (0,))
+                                for s, k in zip(shapes, output_mask[1:]))
+
+
+@torch.library.register_fake("mmfast::_projector_backward_tail")
+def _backward_tail_fake(grad_link, x, w1, output_mask):
+    op = "projector_backward_tail"
+    if x.dim() < 1:
+        raise ValueError(f"{op}: x must have at least one dimension [..., in_features]")
+    if grad_link.dim() != 2:
+        raise ValueError(f"{op}: grad_link must be 2-D [hidden, rows of x], got "
+                         f"{list(grad_link.shape)}")
+    check_link(op, "grad_link", grad_link, x, grad_link.shape[0])
+    if output_mask[0] and w1 is None:
+        raise ValueError(f"{op}: w1 is needed for the gradient of x")
+    if w1 is not None:
+        if w1.dim() != 2 or tuple(w1.shape) != (grad_link.shape[0], x.shape[-1]):
+            raise ValueError(f"{op}: w1 must have shape [{grad_link.shape[0]}, {x.shape[-1]}], "
+                             f"got {list(w1.shape)}")
+        check_same(op, "w1", w1, "x", x)
+    shapes = (x.shape, (grad_link.shape[0], x.shape[-1]))
+    return tuple(x.new_empty(s if m else (0,)) for s, m in zip(shapes, output_mask))
+
+
+def _link_setup_context(ctx, inputs, output):
+    x, w1 = inputs
+    ctx.set_materialize_grads(False)
+    ctx.save_for_backward(x, w1 if ctx.needs_input_grad[0] else None)
+
+
+def _link_backward(ctx, grad_link):
+    if grad_link is None:
+        return None, None
+    x, w1 = ctx.saved_tensors
+    mask = list(ctx.needs_input_grad[:2])
+    grads = torch.ops.mmfast._projector_backward_tail(grad_link, x, w1, mask)
+    return tuple(g if m else None for g, m in zip(grads, mask))
+
+
+def _linked_setup_context(ctx, inputs, output):
+    x, w1, b1, w2, b2, link, approximate = inputs
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+    # x only for the shape checks (an input: no memory of its own); w1 is the link's to keep.
+    ctx.save_for_backward(x, output[1], w2)
+    ctx.approximate = approximate
+
+
+def _linked_backward(ctx, grad_out, _grad_h):
+    if grad_out is None:
+        return (None,) * 7
+    x, h, w2 = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [needs[5], needs[2], needs[3], needs[4]]  # link, b1, w2, b2
+    g_link, g_b1, g_w2, g_b2 = torch.ops.mmfast._projector_backward_head(
+        grad_out, x, h, w2, ctx.approximate, mask)
+    keep = lambda g, m: g if m else None  # noqa: E731
+    return (None, None, keep(g_b1, mask[1]), keep(g_w2, mask[2]), keep(g_b2, mask[3]),
+            keep(g_link, mask[0]), None)
+
+
+torch.library.register_autograd("mmfast::_projector_link", _link_backward,
+                                setup_context=_link_setup_context)
+torch.library.register_autograd("mmfast::_projector_linked", _linked_backward,
+                                setup_context=_linked_setup_context)
 
 
 # --- CUDA: cuBLASLt (CUDA C++) first, the Triton GEMM for what it cannot take -----------------

@@ -1,3 +1,4 @@
+import contextlib
 import itertools
 import math
 import os
@@ -94,6 +95,7 @@ TILE_PATH_TESTS = [
     "tests/ops/test_projector.py::test_bfloat16_packed_backward_over_panels",
     "tests/ops/test_projector.py::test_bfloat16_packed_forward_over_panels",
     "tests/ops/test_projector.py::test_bfloat16_buffers_on_huge_pages",
+    "tests/ops/test_projector.py::test_first_layer_gradients_from_any_grad_link_layout",
     "tests/ops/test_projector.py::test_bfloat16_gelu_on_every_input",
     "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples",
     "tests/ops/test_projector_prepacked.py",
@@ -300,23 +302,60 @@ def test_frozen_inputs_get_no_gradient(trained):
     w1, b1, w2, b2 = make_weights(24, 50, 20, device="cpu", dtype=torch.float32)
     args = [t.requires_grad_(r) for t, r in zip((x, w1, b1, w2, b2), trained)]
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "tanh"), torch.float32)
-    calls = []
-    original = torch.ops.mmfast.projector_backward
-
-    def spy(*a):
-        calls.append(list(a[-1]))
-        return original(*a)
-
     leaves = [t.detach().requires_grad_(r) for t, r in zip(args, trained)]
     out = ops.projector(*leaves)
-    torch.ops.mmfast.projector_backward = spy
-    try:
+    with _spying(BACKWARD_OPS) as calls:
         out.sum().backward()
-    finally:
-        torch.ops.mmfast.projector_backward = original
-    assert calls == [list(trained)], "the backward must be asked for exactly the needed gradients"
+    # On CPU the first layer's gradients have a node of their own when x or w1 trains.
+    first_layer = trained[0] or trained[1]
+    if first_layer:
+        assert [name for name, _ in calls] == ["_projector_backward_head", "_projector_backward_tail"]
+        (_, head), (_, tail) = calls
+        assert head[0], "the head must hand grad_h on to the first layer's node"
+        asked = tail + head[1:]
+    else:
+        assert [name for name, _ in calls] == ["projector_backward"]
+        asked = calls[0][1]
+    assert asked == list(trained), "the backward must be asked for exactly the needed gradients"
     for t, r in zip(leaves, trained):
         assert (t.grad is not None) == r
+
+
+BACKWARD_OPS = ("projector_backward", "_projector_backward_head", "_projector_backward_tail")
+
+
+@contextlib.contextmanager
+def _spying(names):
+    """Records (name, output_mask) of each call of the named torch.ops.mmfast ops, in order."""
+    calls, originals = [], {n: getattr(torch.ops.mmfast, n) for n in names}
+
+    def spy(name):
+        def call(*a):
+            calls.append((name, list(a[-1])))
+            return originals[name](*a)
+        return call
+
+    for n in names:
+        setattr(torch.ops.mmfast, n, spy(n))
+    try:
+        yield calls
+    finally:
+        for n, op in originals.items():
+            setattr(torch.ops.mmfast, n, op)
+
+
+def test_second_layer_gradient_reaches_grad_before_the_first_layers():
+    """As eager's two Linear nodes: w2's gradient is added into w2.grad (and freed) before the
+    first layer's gradients are computed, so the two weight gradients are never held together."""
+    x = torch.randn(3, 9, 24)
+    w1, b1, w2, b2 = make_weights(24, 50, 20, device="cpu", dtype=torch.float32, requires_grad=True)
+    out = ops.projector(x, w1, b1, w2, b2)
+    with _spying(BACKWARD_OPS) as calls:
+        w2.register_post_accumulate_grad_hook(lambda p: calls.append(("w2.grad", None)))
+        w1.register_post_accumulate_grad_hook(lambda p: calls.append(("w1.grad", None)))
+        out.square().sum().backward()
+    assert [n for n, _ in calls] == ["_projector_backward_head", "w2.grad",
+                                     "_projector_backward_tail", "w1.grad"]
 
 
 def _saved_tensors(fn):
@@ -385,6 +424,82 @@ def test_opcheck_backward(dtype):
                                   (torch.randn_like(out), x, h, w1, w2, approximate, mask))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_opcheck_training_graph_ops(dtype):
+    """The CPU training graph's ops: the link, the forward taking it, and the two backwards."""
+    for sample in sample_inputs("projector", dtype=dtype, requires_grad=True):
+        x, w1, b1, w2, b2, approximate = sample.args
+        link = torch.ops.mmfast._projector_link(x, w1)
+        assert link.stride() == (0, 0) and link.untyped_storage().nbytes() <= link.element_size()
+        torch.library.opcheck(torch.ops.mmfast._projector_link.default, (x, w1))
+        torch.library.opcheck(torch.ops.mmfast._projector_linked.default,
+                              (x, w1, b1, w2, b2, link, approximate))
+        with torch.no_grad():
+            out, h = torch.ops.mmfast.projector(x, w1, b1, w2, b2, approximate)
+        x, w1, w2 = x.detach(), w1.detach(), w2.detach()
+        grad_out = torch.randn_like(out)
+        for mask in ([True] * 4, [True, False, True, False], [False, False, True, True]):
+            torch.library.opcheck(torch.ops.mmfast._projector_backward_head.default,
+                                  (grad_out, x, h, w2, approximate, mask))
+        grad_link = torch.randn(link.shape, dtype=dtype)
+        for mask in ([True, True], [False, True], [True, False]):
+            torch.library.opcheck(torch.ops.mmfast._projector_backward_tail.default,
+                                  (grad_link, x, w1, mask))
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "padded", "transposed"])
+def test_first_layer_gradients_from_any_grad_link_layout(layout):
+    """The first layer's node takes grad_h^T [H, M] in any layout, here with an odd M (577, the
+    packed GEMM's K): contiguous (copied to an even row stride), a view of a padded buffer whose
+    padding column holds NaN (read in place by the AMX tiles, which must not see that column),
+    and a transpose of grad_h [M, H]."""
+    dt = torch.bfloat16
+    m, hidden, cin = 577, 72, 40
+    x = torch.randn(m, cin, dtype=dt)
+    w1 = torch.randn(hidden, cin, dtype=dt)
+    g = torch.randn(hidden, m, dtype=dt)
+    if layout == "padded":
+        buf = torch.full((hidden, m + 1), float("nan"), dtype=dt)
+        buf[:, :m] = g
+        g = buf[:, :m]
+    elif layout == "transposed":
+        g = g.t().contiguous().t()
+    gx, gw1 = torch.ops.mmfast._projector_backward_tail(g, x, w1, [True, True])
+    gc = g.contiguous()  # torch's own bfloat16 mm of the padded view reads the NaN column
+    check_like_torch(gx, gc.t() @ w1, gc.double().t() @ w1.double(), dt, "grad_x")
+    check_like_torch(gw1, gc @ x, gc.double() @ x.double(), dt, "grad_w1")
+
+
+LINK_BAD = [
+    ("link", lambda x, w1, b1, w2, b2, link: (x, w1, b1, w2, b2, link[:-1])),
+    ("link", lambda x, w1, b1, w2, b2, link: (x, w1, b1, w2, b2, link.double())),
+]
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_training_graph_ops_name_bad_arguments(device):
+    x = torch.randn(4, 6, device=device)
+    w1, b1, w2, b2 = (t.to(device) for t in make_weights(6, 10, 5, device="cpu",
+                                                         dtype=torch.float32))
+    link = torch.ops.mmfast._projector_link(x, w1)
+    with pytest.raises(ValueError, match=r"projector: w1\b"):
+        torch.ops.mmfast._projector_link(x, w1[:, :-1])
+    for name, mutate in LINK_BAD:
+        with pytest.raises(ValueError, match=rf"projector: {name}\b"):
+            torch.ops.mmfast._projector_linked(*mutate(x, w1, b1, w2, b2, link))
+    grad_link = torch.randn(10, 4, device=device)
+    with pytest.raises(ValueError, match=r"projector_backward_tail: grad_link\b"):
+        torch.ops.mmfast._projector_backward_tail(grad_link[:, :-1], x, w1, [True, True])
+    with pytest.raises(ValueError, match=r"projector_backward_tail: w1\b"):
+        torch.ops.mmfast._projector_backward_tail(grad_link, x, w1[:-1], [True, True])
+    with pytest.raises(ValueError, match=r"projector_backward_tail: w1 is needed"):
+        torch.ops.mmfast._projector_backward_tail(grad_link, x, None, [True, True])
+    grad_out = torch.randn(4, 5, device=device)
+    with pytest.raises(ValueError, match=r"projector_backward_head: w2\b"):
+        torch.ops.mmfast._projector_backward_head(grad_out, x, torch.randn(4, 10, device=device),
+                                                  w2[:, :-1], "none", [True] * 4)
+
+
 def test_torch_compile_fullgraph_forward_backward():
     torch._dynamo.reset()
     fn = torch.compile(lambda *a: ops.projector(*a).square().sum(), fullgraph=True)
@@ -416,10 +531,14 @@ BAD = [
 
 @pytest.mark.parametrize("device", ["cpu", "meta"])
 @pytest.mark.parametrize("name,mutate", BAD)
-def test_bad_input_names_the_argument(device, name, mutate):
+@pytest.mark.parametrize("trained", [False, True])
+def test_bad_input_names_the_argument(device, name, mutate, trained):
+    """trained: the floating inputs require grad (on CPU: the two-node training graph)."""
     x = torch.randn(4, 6, device=device)
     w1, b1, w2, b2 = make_weights(6, 10, 5, device="cpu", dtype=torch.float32)
     args = mutate(x, *(t.to(device) for t in (w1, b1, w2, b2)))
+    if trained:
+        args = [a.detach().requires_grad_() if a.is_floating_point() else a for a in args]
     with pytest.raises((ValueError, RuntimeError), match=rf"projector: {name}\b"):
         _bad(*args)
 

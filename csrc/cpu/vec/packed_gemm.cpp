@@ -329,7 +329,9 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
         pack_a_tiles_gelu_t(g.a, g.lda, g.b_k, m0, rows, queue->a_steps, g.tanh_form,
                             a_panel + local * a_tile_elems);
       } else {
-        pack_a_tiles(g.a + m0 * g.lda, g.lda, rows, g.k, queue->a_steps,
+        // A's values past b_k (an odd K's padding column) meet B's zero row: packed as zeros
+        // rather than read, A need not have that column zeroed (first_layer_backward).
+        pack_a_tiles(g.a + m0 * g.lda, g.lda, rows, g.b_k, queue->a_steps,
                      a_panel + local * a_tile_elems);
       }
       queue->packed_tiles[panel].fetch_add(1, std::memory_order_release);

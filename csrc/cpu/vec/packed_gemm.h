@@ -44,7 +44,7 @@ enum class GemmEpilogue : int {
 };
 
 // C [M, N] = A [M, K] B [K, N], then the epilogue. K is even: callers pad an odd K with a zero
-// column of A (B's missing row is packed as zeros).
+// column of A (B's missing row is packed as zeros; the AMX tiles do not read that column).
 struct PackedGemm {
   int64_t m = 0, n = 0, k = 0;
   const c10::BFloat16* a = nullptr;  // [M, K], row stride lda
