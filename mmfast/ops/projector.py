@@ -25,12 +25,25 @@ def projector(x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor | None, w2: to
     # Without a backward to come, h need not outlive the op: the GELU then runs in place.
     keep_h = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
-    if keep_h and x.device.type == "cpu" and (x.requires_grad or w1.requires_grad):
+    if keep_h and x.device.type == "cpu" and first_layer_node_lowers_peak(x, w1, w2):
         # Two autograd nodes, as eager's two Linear layers: w2's gradient is added into w2.grad
         # and freed before w1's is computed (see _projector_link in csrc/registration.cpp).
         link = torch.ops.mmfast._projector_link(x, w1)
         return torch.ops.mmfast._projector_linked(x, w1, b1, w2, b2, link, approximate)[0]
     return torch.ops.mmfast.projector(x, w1, b1, w2, b2, approximate, keep_h)[0]
+
+
+def first_layer_node_lowers_peak(x, w1, w2) -> bool:
+    """Whether the first layer's gradients in an autograd node of their own lower the backward's
+    peak. One node holds dx [M, Cin] and dw1 [H, Cin] (those asked for) next to dw2 until it
+    returns; two nodes hold grad_h^T [H, M] there instead, the second node's input. Two win
+    with fewer tokens than input features (InternVL's 1792 x 4096, SigLIP's 729 x 1152), one
+    with more (LLaVA-1.5's 4608 x 1024: grad_h^T would be 4.5x dw1)."""
+    if not w2.requires_grad or not (x.requires_grad or w1.requires_grad) or x.dim() < 1:
+        return False  # (a 0-d x: the op's checks say what is wrong)
+    m, cin, hidden = rows_of(x), x.shape[-1], w1.shape[0]
+    held = (hidden * cin if w1.requires_grad else 0) + (m * cin if x.requires_grad else 0)
+    return hidden * m < held
 
 
 def check_weights(op: str, x, w1, b1, w2, b2, approximate) -> bool:

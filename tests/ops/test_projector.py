@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import mmfast
 from mmfast import ops, reference
+from mmfast.ops.projector import first_layer_node_lowers_peak
 from tests.helpers import DTYPES, assert_pytest_passes, sample_inputs
 from tests.ops._projector_common import check_like_torch, compare_fwd_bwd
 from tests.samples.projector import make_weights
@@ -96,6 +97,7 @@ TILE_PATH_TESTS = [
     "tests/ops/test_projector.py::test_bfloat16_packed_forward_over_panels",
     "tests/ops/test_projector.py::test_bfloat16_buffers_on_huge_pages",
     "tests/ops/test_projector.py::test_first_layer_gradients_from_any_grad_link_layout",
+    "tests/ops/test_projector.py::test_two_node_backward",
     "tests/ops/test_projector.py::test_bfloat16_gelu_on_every_input",
     "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples",
     "tests/ops/test_projector_prepacked.py",
@@ -291,8 +293,10 @@ def test_float32_on_the_other_gemm_path():
              "tests/ops/test_projector.py::test_float32_transposing_backward",
              "tests/ops/test_projector.py::test_matches_reference_on_samples[dtype0]",
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype0]",
-             "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype0]"]
-    assert_pytest_passes(tests, 9, MMFAST_CPU_F32_GEMM=other)
+             "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype0]",
+             "tests/ops/test_projector.py::test_two_node_backward[False-dtype0]",
+             "tests/ops/test_projector.py::test_two_node_backward[True-dtype0]"]
+    assert_pytest_passes(tests, 11, MMFAST_CPU_F32_GEMM=other)
 
 
 # Every combination of frozen / trained inputs (x, w1, b1, w2, b2).
@@ -306,9 +310,8 @@ def test_frozen_inputs_get_no_gradient(trained):
     out = ops.projector(*leaves)
     with _spying(BACKWARD_OPS) as calls:
         out.sum().backward()
-    # On CPU the first layer's gradients have a node of their own when x or w1 trains.
-    first_layer = trained[0] or trained[1]
-    if first_layer:
+    # On CPU the first layer's gradients have a node of their own where that lowers the peak.
+    if first_layer_node_lowers_peak(*leaves[:2], leaves[3]):
         assert [name for name, _ in calls] == ["_projector_backward_head", "_projector_backward_tail"]
         (_, head), (_, tail) = calls
         assert head[0], "the head must hand grad_h on to the first layer's node"
@@ -344,18 +347,25 @@ def _spying(names):
             setattr(torch.ops.mmfast, n, op)
 
 
-def test_second_layer_gradient_reaches_grad_before_the_first_layers():
-    """As eager's two Linear nodes: w2's gradient is added into w2.grad (and freed) before the
-    first layer's gradients are computed, so the two weight gradients are never held together."""
-    x = torch.randn(3, 9, 24)
+@pytest.mark.parametrize("tokens", [15, 90])
+def test_second_layer_gradient_reaches_grad_before_the_first_layers(tokens):
+    """With fewer tokens (15) than input features (24), as eager's two Linear nodes: w2's
+    gradient is added into w2.grad (and freed) before the first layer's are computed, so the
+    two weight gradients are never held together. With more (90), grad_h^T [50, 90] would
+    outweigh dw1 [50, 24]: one node computes them all."""
+    x = torch.randn(3, tokens // 3, 24)
     w1, b1, w2, b2 = make_weights(24, 50, 20, device="cpu", dtype=torch.float32, requires_grad=True)
     out = ops.projector(x, w1, b1, w2, b2)
     with _spying(BACKWARD_OPS) as calls:
         w2.register_post_accumulate_grad_hook(lambda p: calls.append(("w2.grad", None)))
         w1.register_post_accumulate_grad_hook(lambda p: calls.append(("w1.grad", None)))
         out.square().sum().backward()
-    assert [n for n, _ in calls] == ["_projector_backward_head", "w2.grad",
-                                     "_projector_backward_tail", "w1.grad"]
+    names = [n for n, _ in calls]
+    if tokens < 24:
+        assert names == ["_projector_backward_head", "w2.grad", "_projector_backward_tail",
+                         "w1.grad"]
+    else:
+        assert names[0] == "projector_backward" and sorted(names[1:]) == ["w1.grad", "w2.grad"]
 
 
 def _saved_tensors(fn):
@@ -445,6 +455,20 @@ def test_opcheck_training_graph_ops(dtype):
         for mask in ([True, True], [False, True], [True, False]):
             torch.library.opcheck(torch.ops.mmfast._projector_backward_tail.default,
                                   (grad_link, x, w1, mask))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("x_trained", [False, True])
+def test_two_node_backward(dtype, x_trained):
+    """The two-node training graph where it runs (fewer tokens than input features), here with
+    577 tokens (odd; bfloat16: the packed backward, whose grad_h^T the first layer's node reads
+    in place) against 600 input features."""
+    x = torch.randn(577, 600, dtype=dtype)
+    w1, b1, w2, b2 = make_weights(600, 96, 40, device="cpu", dtype=dtype, bias=True,
+                                  requires_grad=True)
+    x.requires_grad_(x_trained)
+    assert first_layer_node_lowers_peak(x, w1, w2)
+    compare_fwd_bwd(ops.projector, reference.projector, (x, w1, b1, w2, b2, "none"), dtype)
 
 
 @pytest.mark.parametrize("layout", ["contiguous", "padded", "transposed"])
