@@ -3,8 +3,9 @@
 Discovers benchmarks/bench_<op>.py, measures every provider side by side on each case
 (shapes from real models), dtype and mode, and writes
   * a Markdown table (stdout and <out>/results.md): time, speedup over the eager reference
-    and over torch.compile, GFLOP/s (and % of this machine's GEMM peak) or GB/s, peak memory,
-    saved-for-backward memory, and the implementation that ran;
+    and over torch.compile, GFLOP/s (and % of this machine's GEMM peak) or GB/s, peak memory
+    (RSS; on CPU also the peak of live bytes: benchmarks/harness.py), saved-for-backward
+    memory, and the implementation that ran;
   * one JSON line per measurement with machine, versions and git commit (<out>/results.jsonl);
   * PNG bar charts of the speedups (<out>/<op>.png).
 """
@@ -78,13 +79,14 @@ def table(rows: list, peaks: dict) -> str:
         if r.time_ms is not None and r.kind in ("eager", "compile"):
             base[(r.op, r.case, r.dtype, r.mode, r.kind)] = r.time_ms
     lines = ["| op | case | dtype | mode | provider (implementation) | time ms [q20, q80] | "
-             "× eager | × compile | GFLOP/s (% GEMM peak) | GB/s | peak MiB | saved MiB |",
-             "|" + "---|" * 12]
+             "× eager | × compile | GFLOP/s (% GEMM peak) | GB/s | peak MiB | live MiB | "
+             "saved MiB |",
+             "|" + "---|" * 13]
     for r in rows:
         key = (r.op, r.case, r.dtype, r.mode)
         if r.error:
             lines.append(f"| {r.op} | {r.case} | {r.dtype} | {r.mode} | {r.provider} | "
-                         f"{r.error} | | | | | | |")
+                         f"{r.error} | | | | | | | |")
             continue
         eager = base.get(key + ("eager",))
         comp = base.get(key + ("compile",))
@@ -99,7 +101,7 @@ def table(rows: list, peaks: dict) -> str:
             f"| {r.op} | {r.case} | {r.dtype} | {r.mode} | {name} | "
             f"{r.time_ms:.3f} [{fmt(r.time_q20_ms, '.3f')}, {fmt(r.time_q80_ms, '.3f')}] | "
             f"{sp(eager)} | {sp(comp)} | {flops} | {fmt(r.gbps, '.1f')} | "
-            f"{fmt(r.peak_mib, '.1f')} | {fmt(r.saved_mib, '.1f')} |")
+            f"{fmt(r.peak_mib, '.1f')} | {fmt(r.live_mib, '.1f')} | {fmt(r.saved_mib, '.1f')} |")
     return "\n".join(lines)
 
 
