@@ -18,13 +18,8 @@ inline void check_projector_operand(const char* op, const char* name, const at::
                     " but x is on ", x.device());
 }
 
-// x [..., Cin], w1 [H, Cin], b1 [H]?, w2 [Hout, H], b2 [Hout]?. Returns true for the tanh form.
-inline bool check_projector_args(const char* op, const at::Tensor& x, const at::Tensor& w1,
-                                 const std::optional<at::Tensor>& b1, const at::Tensor& w2,
-                                 const std::optional<at::Tensor>& b2,
-                                 std::string_view approximate) {
-  TORCH_CHECK_VALUE(approximate == "none" || approximate == "tanh", op,
-                    ": approximate must be 'none' or 'tanh', got '", approximate, "'");
+// x [..., Cin] of a float dtype, w1 [H, Cin] (shape only: the caller checks w1 as an operand).
+inline void check_projector_input(const char* op, const at::Tensor& x, const at::Tensor& w1) {
   TORCH_CHECK_VALUE(x.dim() >= 1, op, ": x must have at least one dimension [..., in_features]");
   TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
                         x.scalar_type() == at::kBFloat16,
@@ -32,6 +27,16 @@ inline bool check_projector_args(const char* op, const at::Tensor& x, const at::
   TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == x.size(-1), op,
                     ": w1 must have shape [hidden, ", x.size(-1), "] (in_features = the last dim of x), got ",
                     w1.sizes());
+}
+
+// x [..., Cin], w1 [H, Cin], b1 [H]?, w2 [Hout, H], b2 [Hout]?. Returns true for the tanh form.
+inline bool check_projector_args(const char* op, const at::Tensor& x, const at::Tensor& w1,
+                                 const std::optional<at::Tensor>& b1, const at::Tensor& w2,
+                                 const std::optional<at::Tensor>& b2,
+                                 std::string_view approximate) {
+  TORCH_CHECK_VALUE(approximate == "none" || approximate == "tanh", op,
+                    ": approximate must be 'none' or 'tanh', got '", approximate, "'");
+  check_projector_input(op, x, w1);
   TORCH_CHECK_VALUE(w2.dim() == 2 && w2.size(1) == w1.size(0), op,
                     ": w2 must have shape [out_features, ", w1.size(0), "] (hidden = w1.shape[0]), got ",
                     w2.sizes());

@@ -773,14 +773,7 @@ int64_t leading_rows(const Tensor& x) {
 
 // Its errors name the op the user called: projector.
 Tensor projector_link_cpu(const Tensor& x, const Tensor& w1) {
-  TORCH_CHECK_VALUE(x.dim() >= 1, "projector: x must have at least one dimension [..., ",
-                    "in_features]");
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat || x.scalar_type() == at::kHalf ||
-                        x.scalar_type() == at::kBFloat16,
-                    "projector: x must be float32, float16 or bfloat16, got ", x.scalar_type());
-  TORCH_CHECK_VALUE(w1.dim() == 2 && w1.size(1) == x.size(-1), "projector: w1 must have shape ",
-                    "[hidden, ", x.size(-1), "] (in_features = the last dim of x), got ",
-                    w1.sizes());
+  check_projector_input("projector", x, w1);
   check_projector_operand("projector", "w1", w1, x);
   auto link = at::empty_strided({w1.size(0), leading_rows(x)}, {0, 0}, x.options());
   if (link.numel() > 0) link.as_strided({1}, {1}).zero_();  // its value: 0, not whatever was there

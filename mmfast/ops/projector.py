@@ -48,15 +48,20 @@ def first_layer_node_lowers_peak(x, w1, w2) -> bool:
     return 2 * hidden * m <= held
 
 
-def check_weights(op: str, x, w1, b1, w2, b2, approximate) -> bool:
-    """Checks the projector operands (shared with projector_splice); True for the tanh form."""
-    tanh = check_approximate(op, approximate)
+def check_input(op: str, x, w1) -> None:
+    """x [..., Cin] of a float dtype, w1 [H, Cin] (shape only: callers check w1 as an operand)."""
     if x.dim() < 1:
         raise ValueError(f"{op}: x must have at least one dimension [..., in_features]")
     check_float(op, "x", x)
     if w1.dim() != 2 or w1.shape[1] != x.shape[-1]:
         raise ValueError(f"{op}: w1 must have shape [hidden, {x.shape[-1]}] (in_features = the "
                          f"last dim of x), got {list(w1.shape)}")
+
+
+def check_weights(op: str, x, w1, b1, w2, b2, approximate) -> bool:
+    """Checks the projector operands (shared with projector_splice); True for the tanh form."""
+    tanh = check_approximate(op, approximate)
+    check_input(op, x, w1)
     if w2.dim() != 2 or w2.shape[1] != w1.shape[0]:
         raise ValueError(f"{op}: w2 must have shape [out_features, {w1.shape[0]}] (hidden = "
                          f"w1.shape[0]), got {list(w2.shape)}")
@@ -194,21 +199,16 @@ def check_link(op: str, name: str, link, x, hidden: int) -> None:
 @torch.library.register_fake("mmfast::_projector_link")
 def _link_fake(x, w1):
     # errors name the op the user called (projector)
-    if x.dim() < 1:
-        raise ValueError(f"{OP}: x must have at least one dimension [..., in_features]")
-    check_float(OP, "x", x)
-    if w1.dim() != 2 or w1.shape[1] != x.shape[-1]:
-        raise ValueError(f"{OP}: w1 must have shape [hidden, {x.shape[-1]}] (in_features = the "
-                         f"last dim of x), got {list(w1.shape)}")
+    check_input(OP, x, w1)
     check_same(OP, "w1", w1, "x", x)
     return x.new_empty_strided((w1.shape[0], rows_of(x)), (0, 0))
 
 
 @torch.library.register_fake("mmfast::_projector_linked")
 def _linked_fake(x, w1, b1, w2, b2, link, approximate="none"):
-    check_weights(OP, x, w1, b1, w2, b2, approximate)
+    outputs = _projector_fake(x, w1, b1, w2, b2, approximate, True)  # checks the operands
     check_link(OP, "link", link, x, w1.shape[0])
-    return _projector_fake(x, w1, b1, w2, b2, approximate, True)
+    return outputs
 
 
 @torch.library.register_fake("mmfast::_projector_backward_head")
