@@ -457,7 +457,7 @@ def test_opcheck_training_graph_ops(dtype):
                                   (grad_link, x, w1, mask))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("x_trained", [False, True])
 def test_two_node_backward(dtype, x_trained):
     """The two-node training graph where it runs (half as many tokens as input features or
