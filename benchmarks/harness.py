@@ -29,6 +29,7 @@ the same fresh random inputs, in interleaved rounds:
 import ctypes
 import gc
 import os
+import sys
 import threading
 import time
 from dataclasses import dataclass, field
@@ -193,31 +194,36 @@ def _live_bytes_fn() -> Callable[[], int] | None:
 
 def cpu_live_peak_mib(run: Callable[[], Any]) -> float | None:
     """Peak of the bytes `run` holds (MiB above the level before it; its result included),
-    sampled every ~0.1 ms by a thread (torch's ops run without the GIL); None where glibc
-    cannot tell."""
+    sampled every ~0.05 ms by a thread (torch's ops run without the GIL); None where glibc
+    cannot tell. A block allocated and freed between two samples can be missed."""
     live = _live_bytes_fn()
     if live is None:
         return None
     gc.collect()
     base = live()
-    peak = [base]
+    sampled = [base]  # written by the sampler only: a max shared with this thread loses updates
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], live())
+            sampled[0] = max(sampled[0], live())
             time.sleep(5e-5)
 
+    # Python code between torch's ops holds the GIL for up to the switch interval (5 ms);
+    # a short one lets the sampler in between ops too.
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-5)
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
         out = run()
-        peak[0] = max(peak[0], live())
+        with_result = live()
         del out
     finally:
         stop.set()
         sampler.join()
-    return (peak[0] - base) / 2**20
+        sys.setswitchinterval(interval)
+    return (max(sampled[0], with_result) - base) / 2**20
 
 
 def gpu_peak_mib(run: Callable[[], Any]) -> float:
