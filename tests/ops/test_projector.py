@@ -181,8 +181,10 @@ def test_bfloat16_packed_backward_gradients(trained):
 @pytest.mark.parametrize("hidden,w2_trained", [(128, True), (100, True), (128, False)])
 def test_bfloat16_packed_backward_over_panels(hidden, w2_trained):
     """bfloat16, grad_out over 8 MiB (1100 x 4096: two panels of its rows in the g w2 GEMM,
-    which packs w2 once for both when w2 is trained, else per panel). On AMX tiles dw2 reads
-    the activation packed from h; hidden 100 ends in a partial group of 16 units."""
+    which packs w2 once for both when w2 is trained, else per panel). On AMX tiles the two
+    panels' A tiles share one buffer (the packing of panel 1 waits until panel 0's items are
+    done), and dw2 reads the activation packed from h; hidden 100 ends in a partial group of 16
+    units."""
     dt = torch.bfloat16
     x = torch.randn(1100, 40, dtype=dt)
     w1, b1, w2, b2 = make_weights(40, hidden, 4096, device="cpu", dtype=dt, bias=True)

@@ -319,10 +319,11 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
     const int64_t panel = std::min(item / panel_items, npanels - 1);
     const int64_t local = item - panel * panel_items;
     const int64_t packs = panel + 1 < npanels ? pack_items : last_packs;
-    BF16* a_panel = amx ? queue->a_panels[panel % 2].get() : nullptr;
+    BF16* a_panel = amx ? queue->a_panels[panel % queue->a_buffers].get() : nullptr;
     if (local < packs) {
-      // The buffer last held panel - 2, whose items were all taken before this one.
-      if (panel >= 2) wait_for(queue->done_items[panel - 2], compute_items(panel - 2));
+      // The buffer last held panel - a_buffers, whose items were all taken before this one.
+      const int64_t previous = panel - queue->a_buffers;
+      if (previous >= 0) wait_for(queue->done_items[previous], compute_items(previous));
       const int64_t m0 = (panel * panel_tiles + local) * kGemmRows;
       const int64_t rows = std::min(kGemmRows, g.m - m0);
       if (g.a_gelu_t) {

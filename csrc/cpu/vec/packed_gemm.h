@@ -98,14 +98,24 @@ inline int64_t packed_b_numel(const PackedGemm& g) {
 constexpr int64_t kAmxTileRows = 16;
 constexpr int64_t kAmxTileDepth = 32;
 
+// Panels of A from which the AMX tiles pack A into two buffers in turn; with fewer, into one.
+// A second buffer lets a thread pack panel p + 1 while the other still computes panel p: it
+// saves a wait of at most one work item per panel boundary (<= ~0.7 ms on 2 threads), and costs
+// a panel (up to kPanelBytes) held through the GEMM. With two panels (one boundary) that
+// buffer was the backward's largest transient at InternVL's shapes: every phase of the
+// training step held one.
+constexpr int64_t kDoubleBufferPanels = 3;
+
 // The shared state of one GEMM's work items (packed_gemm_bf16), made before the parallel region.
-// With AMX tiles the threads also pack each panel of A into tiles (two buffers in turn) as
-// work items of their own, and count per panel the A tiles packed and the compute items done.
+// With AMX tiles the threads also pack each panel of A into tiles (into a_buffers buffers in
+// turn) as work items of their own, and count per panel the A tiles packed and the compute
+// items done.
 struct GemmQueue {
   explicit GemmQueue(const PackedGemm& g, bool amx_tiles);
   std::atomic<int64_t> next{0};
   bool amx = false;
   int64_t a_steps = 0;  // K steps of kAmxTileDepth, the last one zero-padded
+  int64_t a_buffers = 0;
   std::unique_ptr<c10::BFloat16[]> a_panels[2];
   std::unique_ptr<std::atomic<int64_t>[]> packed_tiles, done_items;  // per panel
 };
@@ -116,7 +126,8 @@ inline GemmQueue::GemmQueue(const PackedGemm& g, bool amx_tiles)
   a_steps = ceil_div(g.k, kAmxTileDepth);
   const int64_t panels = gemm_panels(g);
   const int64_t panel_elems = gemm_panel_tiles(g) * kGemmRows * a_steps * kAmxTileDepth;
-  for (int64_t b = 0; b < std::min<int64_t>(2, panels); ++b) {
+  a_buffers = panels >= kDoubleBufferPanels ? 2 : 1;
+  for (int64_t b = 0; b < a_buffers; ++b) {
     a_panels[b].reset(new c10::BFloat16[panel_elems]);
   }
   packed_tiles.reset(new std::atomic<int64_t>[panels]());  // zeros
