@@ -125,7 +125,9 @@ inline GemmQueue::GemmQueue(const PackedGemm& g, bool amx_tiles)
   if (!amx) return;
   a_steps = ceil_div(g.k, kAmxTileDepth);
   const int64_t panels = gemm_panels(g);
-  const int64_t panel_elems = gemm_panel_tiles(g) * kGemmRows * a_steps * kAmxTileDepth;
+  // A panel holds at most the tiles A has (SigLIP's act: 3 of the 4 that 8 MiB would hold).
+  const int64_t tiles = std::min(gemm_panel_tiles(g), ceil_div(g.m, kGemmRows));
+  const int64_t panel_elems = tiles * kGemmRows * a_steps * kAmxTileDepth;
   a_buffers = panels >= kDoubleBufferPanels ? 2 : 1;
   for (int64_t b = 0; b < a_buffers; ++b) {
     a_panels[b].reset(new c10::BFloat16[panel_elems]);
