@@ -39,8 +39,8 @@ def first_layer_node_lowers_peak(x, w1, w2) -> bool:
     nodes hold grad_h^T [H, M] there instead, the second node's input. Two are taken where
     grad_h^T is at most half of what they save, since the second node costs time (bf16 A/B on
     AMX: SigLIP's 729 x 1152 tokens x features 1.02-1.03x slower for 3.3 MiB less; InternVL's
-    1792 x 4096 0.96x for 14 MiB less; float32 1.02x, its grad_h^T transposed in a pass of its
-    own). At LLaVA-1.5's 4608 x 1024 grad_h^T would be 4.5x dw1: one node."""
+    1792 x 4096 0.96x for 14 MiB less; float32 0.98x, its grad_h^T transposed in a tiled pass
+    of its own). At LLaVA-1.5's 4608 x 1024 grad_h^T would be 4.5x dw1: one node."""
     if not w2.requires_grad or not (x.requires_grad or w1.requires_grad) or x.dim() < 1:
         return False  # (a 0-d x: the op's checks say what is wrong)
     m, cin, hidden = rows_of(x), x.shape[-1], w1.shape[0]

@@ -115,7 +115,7 @@ struct GemmQueue {
   std::atomic<int64_t> next{0};
   bool amx = false;
   int64_t a_steps = 0;  // K steps of kAmxTileDepth, the last one zero-padded
-  int64_t a_buffers = 0;
+  int64_t a_buffers = 0;  // A-panel buffers in a_panels: 1, or 2 from kDoubleBufferPanels on
   std::unique_ptr<c10::BFloat16[]> a_panels[2];
   std::unique_ptr<std::atomic<int64_t>[]> packed_tiles, done_items;  // per panel
 };
