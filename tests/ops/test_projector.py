@@ -95,6 +95,7 @@ TILE_PATH_TESTS = [
     "tests/ops/test_projector.py::test_bfloat16_packed_backward_gradients",
     "tests/ops/test_projector.py::test_bfloat16_packed_backward_over_panels",
     "tests/ops/test_projector.py::test_bfloat16_packed_forward_over_panels",
+    "tests/ops/test_projector.py::test_bfloat16_activation_tiles_zero_past_hidden",
     "tests/ops/test_projector.py::test_bfloat16_buffers_on_huge_pages",
     "tests/ops/test_projector.py::test_first_layer_gradients_from_any_grad_link_layout",
     "tests/ops/test_projector.py::test_two_node_backward",
@@ -204,6 +205,27 @@ def test_bfloat16_buffers_on_huge_pages():
     w1, b1, w2, b2 = make_weights(40, 2048, 72, device="cpu", dtype=dt, bias=True)
     args = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+
+
+def test_bfloat16_activation_tiles_zero_past_hidden():
+    """On AMX tiles the forward's first GEMM writes the activation as the second GEMM's A tiles,
+    32 hidden units per step: the step holding an odd hidden size's last units (97: units
+    96..127, 33: 32..63) must be zeros past it, whatever the buffer held before. Blocks of the
+    buffer's size filled with NaN and freed just before each call are what the allocator hands
+    back; the output stays the reference's."""
+    dt = torch.bfloat16
+    for n, hidden in [(17, 97), (1, 33), (729, 100)]:
+        x = torch.randn(n, 40, dtype=dt)
+        w1, b1, w2, b2 = make_weights(40, hidden, 24, device="cpu", dtype=dt, bias=True)
+        steps = math.ceil((hidden + hidden % 2) / 32)
+        numel = math.ceil(n / 16) * 16 * steps * 32
+        expected = reference.projector(*(t.double() for t in (x, w1, b1, w2, b2)))
+        for _ in range(3):
+            poison = [torch.full((numel,), math.nan, dtype=dt) for _ in range(8)]
+            del poison
+            with torch.no_grad():
+                out = ops.projector(x, w1, b1, w2, b2)
+            check_like_torch(out, reference.projector(x, w1, b1, w2, b2), expected, dt, "output")
 
 
 @pytest.mark.parametrize("trained", [False, True])

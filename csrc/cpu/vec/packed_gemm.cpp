@@ -144,6 +144,39 @@ MMFAST_BF16_TARGET void bias_gelu_rows(const PackedGemm& g, const Tile& t, const
   }
 }
 
+// bias_gelu_rows' activation into the AMX A tiles at g.out (PackedGemm::a_tiled's layout):
+// each 32-value step of a row is one 64-byte line of a tile. Steps are written whole, zeros
+// past N (an odd K's padding value included): the next GEMM multiplies them by B's zero rows,
+// and a NaN left there by the buffer's last owner would spread into the row's sums. The last
+// tile of rows also writes the zero rows that pad M to a multiple of 16, as pack_a_tiles
+// does: the tile kernel computes those rows (and never stores them) from defined values.
+MMFAST_BF16_TARGET void bias_gelu_tiles(const PackedGemm& g, const Tile& t, const float* acc) {
+  static_assert(kChunk == kAmxTileDepth, "a chunk of a row is one step of an A tile");
+  constexpr int64_t kTile = kAmxTileRows * kAmxTileDepth;
+  const GeluForm gelu(g.tanh_form);
+  const bool last = t.m0 + t.rows == g.m;
+  const int64_t rows = last ? ceil_div(t.rows, kAmxTileRows) * kAmxTileRows : t.rows;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int64_t r = t.m0 + i;
+    BF16* tile_row =
+        g.out + (r / kAmxTileRows) * g.out_steps * kTile + (r % kAmxTileRows) * kAmxTileDepth;
+    BF16* pre = g.out2 == nullptr || i >= t.rows ? nullptr : g.out2 + r * g.ldo2 + t.n0;
+    for (int64_t c = 0; c < t.cols; c += kChunk) {
+      const int64_t n = std::min(kChunk, t.cols - c);
+      __m512i v = _mm512_setzero_si512();
+      if (i < t.rows) {
+        fVec lo, hi;
+        load_biased(g, t, acc, i, c, n, lo, hi);
+        round_bf16(lo, hi);
+        if (pre != nullptr) store_bf16(pre + c, n, lo, hi);
+        v = _mm512_maskz_mov_epi16(static_cast<__mmask32>((uint64_t(1) << n) - 1),
+                                   to_bf16(gelu(lo), gelu(hi)));
+      }
+      _mm512_storeu_si512(tile_row + (t.n0 + c) / kAmxTileDepth * kTile, v);
+    }
+  }
+}
+
 // acc becomes the gradient tile and act the activation tile (both float32, stride kPackCols).
 MMFAST_BF16_TARGET void gelu_grad_rows(const PackedGemm& g, const Tile& t, float* acc,
                                        float* act) {
@@ -282,7 +315,9 @@ MMFAST_BF16_TARGET void pack_a_tiles_gelu_t(const BF16* h, int64_t ldh, int64_t 
 }  // namespace
 
 void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
-  TORCH_INTERNAL_ASSERT(queue->amx || !g.a_gelu_t, "a_gelu_t needs the AMX tiles");
+  TORCH_INTERNAL_ASSERT(queue->amx || !(g.a_gelu_t || g.a_tiled ||
+                                        g.epilogue == GemmEpilogue::kBiasGeluTiles),
+                        "a_gelu_t, a_tiled and kBiasGeluTiles need the AMX tiles");
   const int64_t mblocks = ceil_div(g.m, kGemmRows), nblocks = ceil_div(g.n, kPackCols);
   const bool transposed =
       g.epilogue == GemmEpilogue::kStoreT || g.epilogue == GemmEpilogue::kGeluGradT;
@@ -305,10 +340,11 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
   const int64_t last_tiles = mblocks - (npanels - 1) * panel_tiles;
   const int64_t tail_blocks = last_tiles > 1 ? std::min<int64_t>(nblocks, threads) : 0;
   const bool amx = queue->amx;
-  const int64_t pack_items = amx ? panel_tiles : 0;  // per whole panel
+  const bool pack_a = amx && !g.a_tiled;
+  const int64_t pack_items = pack_a ? panel_tiles : 0;  // per whole panel
   const int64_t panel_items = pack_items + nblocks;
   const int64_t last_begin = (npanels - 1) * panel_items;
-  const int64_t last_packs = amx ? last_tiles : 0;
+  const int64_t last_packs = pack_a ? last_tiles : 0;
   const int64_t last_whole = nblocks - tail_blocks;
   const auto compute_items = [&](int64_t p) {
     return p + 1 < npanels ? nblocks : last_whole + tail_blocks * last_tiles;
@@ -319,7 +355,8 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
     const int64_t panel = std::min(item / panel_items, npanels - 1);
     const int64_t local = item - panel * panel_items;
     const int64_t packs = panel + 1 < npanels ? pack_items : last_packs;
-    BF16* a_panel = amx ? queue->a_panels[panel % queue->a_buffers].get() : nullptr;
+    BF16* a_panel = pack_a ? queue->a_panels[panel % queue->a_buffers].get() : nullptr;
+    const BF16* a_tiles = g.a_tiled ? g.a + panel * panel_tiles * a_tile_elems : a_panel;
     if (local < packs) {
       // The buffer last held panel - a_buffers, whose items were all taken before this one.
       const int64_t previous = panel - queue->a_buffers;
@@ -366,7 +403,7 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
         const int64_t k2 = std::min(kDepth, g.k - k0) / 2;
         if (amx) {
           amx_tile(t.rows, k2,
-                   a_panel + (t.mblock - panel * panel_tiles) * a_tile_elems +
+                   a_tiles + (t.mblock - panel * panel_tiles) * a_tile_elems +
                        k0 / kAmxTileDepth * kAmxTileRows * kAmxTileDepth,
                    queue->a_steps, block + k0 * kPackCols, acc.data(), k0 > 0);
         } else {
@@ -381,6 +418,7 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
                            scratch.data());
           break;
         case GemmEpilogue::kBiasGelu: bias_gelu_rows(g, t, acc.data()); break;
+        case GemmEpilogue::kBiasGeluTiles: bias_gelu_tiles(g, t, acc.data()); break;
         case GemmEpilogue::kGeluGradT:
           gelu_grad_rows(g, t, acc.data(), act.data());
           if (g.out != nullptr) {

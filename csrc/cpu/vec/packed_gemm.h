@@ -41,6 +41,11 @@ enum class GemmEpilogue : int {
   // d = bf16(acc) * gelu'(h[m, n]); out[n, m] = d (when out); out2[n, m] = gelu(h[m, n]) (when
   // out2); bias_grad[m / kGemmRows, n] = sum over the tile's rows of d (float32, when not null).
   kGeluGradT,
+  // kBiasGelu with the activation written as AMX A tiles (PackedGemm::a_tiled's layout with
+  // out_steps K steps; zeros past N, and in the last row tile's rows past M): the next GEMM's A
+  // operand as its tile kernel reads it, with no [M, N] activation and no packing pass. AMX
+  // tiles only.
+  kBiasGeluTiles,
 };
 
 // C [M, N] = A [M, K] B [K, N], then the epilogue. K is even: callers pad an odd K with a zero
@@ -53,6 +58,11 @@ struct PackedGemm {
   // gelu(a[t * lda + i]) for t < b_k, zeros past b_k (a: the pre-activation h [tokens, M],
   // whose activation the GEMM then reads without an [M, tokens] copy). AMX tiles only.
   bool a_gelu_t = false;
+  // A given as AMX A tiles rather than rows (the kBiasGeluTiles epilogue writes them): the
+  // 16-row x 32-value tile (rt, q) of A's rows [16 rt, 16 rt + 16) and values [32 q, 32 q + 32)
+  // at a + (rt * steps + q) * 512, steps = ceil(k / 32), zeros past k and past M in the last
+  // row tile; lda = 32 steps. AMX tiles only.
+  bool a_tiled = false;
   // B, given either as B^T [N, b_k] (a weight as stored: b_nk) or as rows [b_k, N] (row r at
   // b + b_rows[r] * ldb; b_rows null: r). b_k is k or k - 1.
   const c10::BFloat16* b = nullptr;
@@ -64,6 +74,7 @@ struct PackedGemm {
   const c10::BFloat16* bias = nullptr;  // [N] or null
   c10::BFloat16* out = nullptr;         // row stride ldo
   int64_t ldo = 0;
+  int64_t out_steps = 0;                // K steps of the tiles out holds (kBiasGeluTiles)
   const int64_t* out_rows = nullptr;    // [M] (kStore) or null
   c10::BFloat16* out2 = nullptr;        // row stride ldo2
   int64_t ldo2 = 0;
@@ -78,7 +89,7 @@ struct PackedGemm {
 
 // Tiles of kGemmRows rows per panel of A (<= kPanelBytes, at least one tile).
 inline int64_t gemm_panel_tiles(const PackedGemm& g) {
-  const int64_t row_elems = g.a_gelu_t ? g.k : g.lda;
+  const int64_t row_elems = g.a_gelu_t || g.a_tiled ? g.k : g.lda;
   return std::max<int64_t>(1, kPanelBytes / (row_elems * 2 * kGemmRows));
 }
 
@@ -115,7 +126,9 @@ struct GemmQueue {
   std::atomic<int64_t> next{0};
   bool amx = false;
   int64_t a_steps = 0;  // K steps of kAmxTileDepth, the last one zero-padded
-  int64_t a_buffers = 0;  // A-panel buffers in a_panels: 1, or 2 from kDoubleBufferPanels on
+  // A-panel buffers in a_panels: 1, or 2 from kDoubleBufferPanels on; none for an A given
+  // as tiles (a_tiled)
+  int64_t a_buffers = 0;
   std::unique_ptr<c10::BFloat16[]> a_panels[2];
   std::unique_ptr<std::atomic<int64_t>[]> packed_tiles, done_items;  // per panel
 };
@@ -128,7 +141,7 @@ inline GemmQueue::GemmQueue(const PackedGemm& g, bool amx_tiles)
   // A panel holds at most the tiles A has (SigLIP's act: 3 of the 4 that 8 MiB would hold).
   const int64_t tiles = std::min(gemm_panel_tiles(g), ceil_div(g.m, kGemmRows));
   const int64_t panel_elems = tiles * kGemmRows * a_steps * kAmxTileDepth;
-  a_buffers = panels >= kDoubleBufferPanels ? 2 : 1;
+  a_buffers = g.a_tiled ? 0 : panels >= kDoubleBufferPanels ? 2 : 1;
   for (int64_t b = 0; b < a_buffers; ++b) {
     a_panels[b].reset(new c10::BFloat16[panel_elems]);
   }
