@@ -255,7 +255,7 @@ void pack_b_once(PackedGemm& g, Tensor& buffer) {
   BF16* dst = buffer.mutable_data_ptr<BF16>();
   const auto kernel = MMFAST_PICK_ISA(pack_b_rows_bf16);
   at::parallel_for(0, g.k / 2, 64, [&](int64_t p0, int64_t p1) {
-    kernel(g.b, g.ldb, g.b_k, g.k, g.n, p0, p1, dst);
+    kernel(g.b, g.ldb, g.b_k, g.k, g.n, bf16_gemm_amx(), p0, p1, dst);
   });
   g.b_packed = dst;
 }
@@ -417,8 +417,9 @@ std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
 }
 
 // Weights packed once for the tile GEMMs (inference): w [N, K] as packed_gemm's b_packed,
-// [ceil(N / 64), ceil(K / 2), 64, 2] with packed[b, p, j, e] = w[64 b + j, 2 p + e] (zeros
-// past N and K).
+// [ceil(N / 64), ceil(K / 2), 64, 2], zeros past N and K. For the vdpbf16ps tiles
+// packed[b, p, j, e] = w[64 b + j, 2 p + e]; for the AMX tiles each block holds the same values
+// in the order [j / 16, p, j % 16, e] (BlockLayout in packed_gemm.cpp).
 std::vector<int64_t> packed_weight_shape(const Tensor& w) {
   return {ceil_div(w.size(0), kPackCols), ceil_div(w.size(1), int64_t(2)), kPackCols, 2};
 }
@@ -441,8 +442,8 @@ Tensor projector_pack_weight_cpu(const Tensor& w) {
   const int64_t k = packed.size(1) * 2;
   const auto kernel = MMFAST_PICK_ISA(pack_b_nk_bf16);
   at::parallel_for(0, packed.size(0), 1, [&](int64_t b0, int64_t b1) {
-    kernel(wu.const_data_ptr<BF16>(), wu.stride(0), w.size(1), k, w.size(0), b0, b1,
-           packed.mutable_data_ptr<BF16>());
+    kernel(wu.const_data_ptr<BF16>(), wu.stride(0), w.size(1), k, w.size(0), bf16_gemm_amx(),
+           b0, b1, packed.mutable_data_ptr<BF16>());
   });
   return packed;
 }

@@ -19,10 +19,16 @@ prepacked = torch.ops.mmfast._projector_prepacked
 
 
 def _layout(w):
-    """packed[b, p, j, e] = w[64 b + j, 2 p + e], zeros past N and K, built with torch."""
+    """The packed copy's values as [ceil(N/64), ceil(K/2), 64, 2], built with torch; zeros past N
+    and K. For the vdpbf16ps tiles packed[b, p, j, e] = w[64 b + j, 2 p + e]; for the AMX tiles
+    each block is four groups of 16 columns, each in one piece: the values of block b in the
+    order [j // 16, p, j % 16, e]."""
     n, k = w.shape
     nb, k2 = -(-n // 64), -(-k // 2)
     padded = F.pad(w, (0, 2 * k2 - k, 0, 64 * nb - n))
+    if mmfast.cpu_bf16_gemm().startswith("AMX"):
+        grouped = padded.view(nb, 4, 16, k2, 2).permute(0, 1, 3, 2, 4).contiguous()
+        return grouped.view(nb, k2, 64, 2)
     return padded.view(nb, 64, k2, 2).permute(0, 2, 1, 3).contiguous()
 
 

@@ -1,10 +1,10 @@
 // vnni_tile's product on AMX tiles (Intel Xeon from Sapphire Rapids on):
 //
 //   acc[i][j] (+)= sum_{p < k2} A[i][2p] B[2p][j] + A[i][2p+1] B[2p+1][j],   j < 64,
-//   packed[p][j][e] = B[2p + e][j],
+//   packed[j / 16][p][j % 16][e] = B[2p + e][j]   (groups of 16 columns, group_stride apart),
 //
-// in float32. A packed block of B is already AMX's B layout: 16 pair rows of 16 columns are a
-// tile with a row stride of 256 bytes. Each 32 x 32 piece of C is four accumulator tiles
+// in float32. A packed block of B is already AMX's B layout: 16 pair rows of a group are a
+// tile of 1 KiB in one piece. Each 32 x 32 piece of C is four accumulator tiles
 // (tmm0-3) fed by two A tiles (tmm4-5) and two B tiles (tmm6-7). A is read from a copy packed
 // into tiles: read in place, a tile's 16 rows sit a row of A apart (8 KiB for a 4096-wide
 // activation, all in one L1 set); in a micro-benchmark the copy ran 632 GFLOP/s per core
@@ -43,23 +43,27 @@ MMFAST_AMX_TARGET inline void amx_configure() {
 // 2048 tile, fetching two steps ahead of A and B ran at 582 GFLOP/s per core, 309 without).
 constexpr int64_t kAmxPrefetch = 2;
 
-// acc [ceil16(rows), 64] (+)= A x packed [k2][64][2], A packed into tiles (pack_a_tiles in
+// acc [ceil16(rows), 64] (+)= A x packed, A packed into tiles (pack_a_tiles in
 // packed_gemm.cpp): tile (rt, q) of 16 rows x 32 values at ap + (rt * a_steps + q) * 512, zero
 // past `rows` and past 2 k2 values.
 MMFAST_AMX_TARGET inline void amx_tile(
     int64_t rows, int64_t k2, const c10::BFloat16* ap, int64_t a_steps,  // ap: tiles of A
-    const c10::BFloat16* packed,                                         // [k2, 64, 2]
-    float* acc, bool accumulate) {                                       // [ceil16(rows), 64]
+    const c10::BFloat16* packed, int64_t group_stride,  // 4 groups of [k2, 16, 2]
+    float* acc, bool accumulate) {                      // [ceil16(rows), 64]
+  constexpr int64_t kTile = 16 * 32;
   const int64_t kc = k2 / 16, kt = k2 % 16;
-  alignas(64) c10::BFloat16 b_tail[16 * 128];
+  // The last partial tile of each group, zero-padded to 16 pair rows.
+  alignas(64) c10::BFloat16 b_tail[4][kTile];
   if (kt > 0) {
     std::memset(b_tail, 0, sizeof(b_tail));
-    std::memcpy(b_tail, packed + kc * 16 * 128, kt * 128 * sizeof(c10::BFloat16));
+    for (int g = 0; g < 4; ++g) {
+      std::memcpy(b_tail[g], packed + g * group_stride + kc * kTile,
+                  kt * 32 * sizeof(c10::BFloat16));
+    }
   }
   amx_configure();
   constexpr int64_t kStrideC = 64 * sizeof(float);
-  constexpr int64_t kStrideB = 128 * sizeof(c10::BFloat16);
-  constexpr int64_t kTile = 16 * 32;
+  constexpr int64_t kStrideB = 64;
   const int64_t steps = kc + (kt > 0 ? 1 : 0);
   for (int64_t i0 = 0; i0 < rows; i0 += 32) {
     const bool two = rows - i0 > 16;
@@ -78,23 +82,26 @@ MMFAST_AMX_TARGET inline void amx_tile(
         _tile_zero(2);
         _tile_zero(3);
       }
-      const c10::BFloat16* b = packed + jh * 2;
+      const int g = jh / 16;  // groups g, g + 1
+      const c10::BFloat16* b0 = packed + g * group_stride;
+      const c10::BFloat16* b1 = b0 + group_stride;
       for (int64_t q = 0; q < steps; ++q) {
         if (q + kAmxPrefetch < kc) {
           const char* pa0 = reinterpret_cast<const char*>(a0 + (q + kAmxPrefetch) * kTile);
           const char* pa1 = reinterpret_cast<const char*>(a1 + (q + kAmxPrefetch) * kTile);
-          const char* pb = reinterpret_cast<const char*>(b + (q + kAmxPrefetch) * 16 * 128);
+          const char* pb0 = reinterpret_cast<const char*>(b0 + (q + kAmxPrefetch) * kTile);
+          const char* pb1 = reinterpret_cast<const char*>(b1 + (q + kAmxPrefetch) * kTile);
           for (int l = 0; l < 16; ++l) {
             _mm_prefetch(pa0 + 64 * l, _MM_HINT_T0);
             if (two) _mm_prefetch(pa1 + 64 * l, _MM_HINT_T0);
-            _mm_prefetch(pb + kStrideB * l, _MM_HINT_T0);
-            _mm_prefetch(pb + kStrideB * l + 64, _MM_HINT_T0);
+            _mm_prefetch(pb0 + 64 * l, _MM_HINT_T0);
+            _mm_prefetch(pb1 + 64 * l, _MM_HINT_T0);
           }
         }
-        const c10::BFloat16* bq = q < kc ? b + q * 16 * 128 : b_tail + jh * 2;
+        const bool tail = q == kc;
         _tile_loadd(4, a0 + q * kTile, 64);
-        _tile_loadd(6, bq, kStrideB);
-        _tile_loadd(7, bq + 32, kStrideB);
+        _tile_loadd(6, tail ? b_tail[g] : b0 + q * kTile, kStrideB);
+        _tile_loadd(7, tail ? b_tail[g + 1] : b1 + q * kTile, kStrideB);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         if (two) {

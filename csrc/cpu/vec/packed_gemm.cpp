@@ -1,8 +1,7 @@
 // packed_gemm_bf16, compiled once per ISA (declarations in packed_gemm.h).
 //
-// A packed block of B holds its columns [n0, n0 + 64) as K/2 rows of 64 pairs,
-// packed[k2][j][e] = B[2 k2 + e][n0 + j], zeros past K and N: the VNNI layout of the
-// bfloat16 dot-product instructions (vnni_tile.h) and of AMX's B tiles (amx_tile.h).
+// A packed block of B holds its columns [n0, n0 + 64) in the VNNI layout of the bfloat16
+// dot-product instructions, pairs of K rows interleaved, zeros past K and N (BlockLayout).
 #include "cpu/vec/packed_gemm.h"
 
 #include <ATen/cpu/vec/functional.h>
@@ -96,6 +95,36 @@ MMFAST_BF16_TARGET void store_transposed(const float* tile, int64_t rows, int64_
       load2(src + i, n, lo, hi);
       store_bf16(out + i, n, lo, hi);
     }
+  }
+}
+
+// Where B[2 r + e][n0 + j] of a packed block (K/2 = k2 pair rows) lies. For the vdpbf16ps tiles
+// (vnni_tile.h): pair row r is 64 pairs, packed[r][j][e]. For AMX tiles (amx_tile.h): four
+// groups of 16 columns, each k2 rows of 16 pairs, packed[j / 16][r][j % 16][e], so that a B
+// tile (16 pair rows of a group) is 1 KiB in one piece. Read with a 256-byte stride instead
+// (the rows layout), the tile loads ran a GEMM whose operands sat in L2 at 0.58-0.64
+// TFLOP/s per core against 0.76-0.82 in one piece (micro-benchmark, one thread).
+struct BlockLayout {
+  bool amx;
+  int64_t k2;
+  int64_t pair_row(int64_t r, int64_t j) const {  // offset of pair (r, j), j % 16 == 0 for amx
+    return amx ? (j / 16) * k2 * 2 * kAmxGroupCols + r * 2 * kAmxGroupCols
+               : r * 2 * kPackCols + 2 * j;
+  }
+};
+
+// Pair row r of a block from B's rows first, second (second null: zeros), `cols` columns.
+void pack_pair_row(const BlockLayout& layout, const BF16* first, const BF16* second,
+                   int64_t cols, int64_t r, BF16* packed) {
+  if (!layout.amx) {
+    interleave_pair(first, second, cols, kPackCols, packed + layout.pair_row(r, 0));
+    return;
+  }
+  for (int64_t j = 0; j < kPackCols; j += kAmxGroupCols) {
+    // Past `cols` the masked loads read nothing: the group is written as zeros.
+    interleave_pair(first + j, second != nullptr ? second + j : nullptr,
+                    std::clamp<int64_t>(cols - j, 0, kAmxGroupCols), kAmxGroupCols,
+                    packed + layout.pair_row(r, j));
   }
 }
 
@@ -217,30 +246,41 @@ MMFAST_BF16_TARGET void gelu_grad_rows(const PackedGemm& g, const Tile& t, float
   }
 }
 
-// Columns [n0, n0 + cols) of B from B^T [N, k] rows (stride ld) into `packed` (k2 rows).
-void pack_block_from_nk(const BF16* src, int64_t ld, int64_t k, int64_t k2, int64_t n0,
-                        int64_t cols, BF16* packed) {
-  // Rows of B^T viewed as 32-bit pairs are already VNNI pairs: one word transpose.
+// Columns [n0, n0 + cols) of B from B^T [N, k] rows (stride ld) into `packed`.
+void pack_block_from_nk(const BlockLayout& layout, const BF16* src, int64_t ld, int64_t k,
+                        int64_t n0, int64_t cols, BF16* packed) {
+  const int64_t k2 = layout.k2;
+  // Words of a column group's pair row: 16 in the AMX layout, 64 in the rows one.
+  const int64_t width = layout.amx ? kAmxGroupCols : kPackCols;
+  // Rows of B^T viewed as 32-bit pairs are already VNNI pairs: one word transpose per group.
   if (k % 2 == 0 && ld % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0) {
-    transpose32(src + n0 * ld, ld / 2, packed, kPackCols, cols, k2);
+    for (int64_t j = 0; j < cols; j += width) {
+      transpose32(src + (n0 + j) * ld, ld / 2, packed + layout.pair_row(0, j), width,
+                  std::min(width, cols - j), k2);
+    }
   } else {
     for (int64_t j = 0; j < cols; ++j) {
       const BF16* row = src + (n0 + j) * ld;
+      const int64_t group = j / width * width;
       for (int64_t kk = 0; kk < 2 * k2; ++kk) {
-        packed[(kk / 2) * 2 * kPackCols + 2 * j + kk % 2] = kk < k ? row[kk] : BF16(0.0f);
+        packed[layout.pair_row(kk / 2, group) + 2 * (j - group) + kk % 2] =
+            kk < k ? row[kk] : BF16(0.0f);
       }
     }
   }
-  if (cols < kPackCols) {
+  for (int64_t j = cols / width * width; j < kPackCols; j += width) {
+    const int64_t from = std::max<int64_t>(cols - j, 0);  // zeros from this word of the group
     for (int64_t r = 0; r < k2; ++r) {
-      std::fill(packed + r * 2 * kPackCols + 2 * cols, packed + (r + 1) * 2 * kPackCols, BF16(0.0f));
+      BF16* row = packed + layout.pair_row(r, j);
+      std::fill(row + 2 * from, row + 2 * width, BF16(0.0f));
     }
   }
 }
 
 // Columns [n0, n0 + cols) of B from its rows: row r at src + (rows ? rows[r] : r) * ld, r < k.
-void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_t k, int64_t k2,
-                        int64_t n0, int64_t cols, BF16* packed) {
+void pack_block_from_kn(const BlockLayout& layout, const BF16* src, int64_t ld,
+                        const int64_t* rows, int64_t k, int64_t n0, int64_t cols, BF16* packed) {
+  const int64_t k2 = layout.k2;
   const auto row = [&](int64_t r) { return src + (rows != nullptr ? rows[r] : r) * ld + n0; };
   // The rows are a row of B apart (10 KiB for a 13B weight), which the hardware prefetcher
   // does not follow: the loads below took ~40% of this function's samples in a profile of
@@ -254,8 +294,7 @@ void pack_block_from_kn(const BF16* src, int64_t ld, const int64_t* rows, int64_
   for (int64_t r = 0; r < std::min(kPrefetchPairs, k2); ++r) prefetch_pair(r);
   for (int64_t r = 0; r < k2; ++r) {
     if (r + kPrefetchPairs < k2) prefetch_pair(r + kPrefetchPairs);
-    interleave_pair(row(2 * r), 2 * r + 1 < k ? row(2 * r + 1) : nullptr, cols, kPackCols,
-                    packed + r * 2 * kPackCols);
+    pack_pair_row(layout, row(2 * r), 2 * r + 1 < k ? row(2 * r + 1) : nullptr, cols, r, packed);
   }
 }
 
@@ -340,6 +379,7 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
   const int64_t last_tiles = mblocks - (npanels - 1) * panel_tiles;
   const int64_t tail_blocks = last_tiles > 1 ? std::min<int64_t>(nblocks, threads) : 0;
   const bool amx = queue->amx;
+  const BlockLayout layout{amx, g.k / 2};
   const bool pack_a = amx && !g.a_tiled;
   const int64_t pack_items = pack_a ? panel_tiles : 0;  // per whole panel
   const int64_t panel_items = pack_items + nblocks;
@@ -392,9 +432,9 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
     t.cols = std::min(kPackCols, g.n - t.n0);
     const BF16* block = g.b_packed != nullptr ? g.b_packed + nb * g.k * kPackCols : packed.data();
     if (g.b_packed == nullptr && g.b_nk) {
-      pack_block_from_nk(g.b, g.ldb, g.b_k, g.k / 2, t.n0, t.cols, packed.data());
+      pack_block_from_nk(layout, g.b, g.ldb, g.b_k, t.n0, t.cols, packed.data());
     } else if (g.b_packed == nullptr) {
-      pack_block_from_kn(g.b, g.ldb, g.b_rows, g.b_k, g.k / 2, t.n0, t.cols, packed.data());
+      pack_block_from_kn(layout, g.b, g.ldb, g.b_rows, g.b_k, t.n0, t.cols, packed.data());
     }
     for (t.mblock = mblock_begin; t.mblock < mblock_end; ++t.mblock) {
       t.m0 = t.mblock * kGemmRows;
@@ -405,7 +445,8 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
           amx_tile(t.rows, k2,
                    a_tiles + (t.mblock - panel * panel_tiles) * a_tile_elems +
                        k0 / kAmxTileDepth * kAmxTileRows * kAmxTileDepth,
-                   queue->a_steps, block + k0 * kPackCols, acc.data(), k0 > 0);
+                   queue->a_steps, block + layout.pair_row(k0 / 2, 0),
+                   layout.pair_row(0, kAmxGroupCols), acc.data(), k0 > 0);
         } else {
           vnni_tile(t.rows, k2, g.a + t.m0 * g.lda + k0, g.lda, block + k0 * kPackCols,
                     acc.data(), k0 > 0);
@@ -437,32 +478,34 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
 }
 
 void pack_b_rows_bf16(const BF16* b, int64_t ldb, int64_t b_k, int64_t k, int64_t n,
-                      int64_t pair_begin, int64_t pair_end, BF16* packed) {
+                      bool amx_layout, int64_t pair_begin, int64_t pair_end, BF16* packed) {
+  const BlockLayout layout{amx_layout, k / 2};
   const int64_t nblocks = ceil_div(n, kPackCols);
   for (int64_t r = pair_begin; r < pair_end; ++r) {
     const BF16* first = b + 2 * r * ldb;
     const BF16* second = 2 * r + 1 < b_k ? first + ldb : nullptr;
     for (int64_t nb = 0; nb < nblocks; ++nb) {
       const int64_t n0 = nb * kPackCols;
-      interleave_pair(first + n0, second != nullptr ? second + n0 : nullptr,
-                      std::min(kPackCols, n - n0), kPackCols,
-                      packed + nb * k * kPackCols + r * 2 * kPackCols);
+      pack_pair_row(layout, first + n0, second != nullptr ? second + n0 : nullptr,
+                    std::min(kPackCols, n - n0), r, packed + nb * k * kPackCols);
     }
   }
 }
 
 void pack_b_nk_bf16(const BF16* b, int64_t ldb, int64_t b_k, int64_t k, int64_t n,
-                    int64_t block_begin, int64_t block_end, BF16* packed) {
+                    bool amx_layout, int64_t block_begin, int64_t block_end, BF16* packed) {
+  const BlockLayout layout{amx_layout, k / 2};
   for (int64_t nb = block_begin; nb < block_end; ++nb) {
     const int64_t n0 = nb * kPackCols;
-    pack_block_from_nk(b, ldb, b_k, k / 2, n0, std::min(kPackCols, n - n0),
+    pack_block_from_nk(layout, b, ldb, b_k, n0, std::min(kPackCols, n - n0),
                        packed + nb * k * kPackCols);
   }
 }
 
 #else
 
-void pack_b_nk_bf16(const BF16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, BF16*) {
+void pack_b_nk_bf16(const BF16*, int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t,
+                    BF16*) {
   TORCH_INTERNAL_ASSERT(false, "pack_b_nk_bf16 runs only in the AVX512 build");
 }
 
@@ -470,7 +513,8 @@ void packed_gemm_bf16(const PackedGemm&, GemmQueue*, int64_t) {
   TORCH_INTERNAL_ASSERT(false, "packed_gemm_bf16 runs only in the AVX512 build");
 }
 
-void pack_b_rows_bf16(const BF16*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t, BF16*) {
+void pack_b_rows_bf16(const BF16*, int64_t, int64_t, int64_t, int64_t, bool, int64_t, int64_t,
+                      BF16*) {
   TORCH_INTERNAL_ASSERT(false, "pack_b_rows_bf16 runs only in the AVX512 build");
 }
 

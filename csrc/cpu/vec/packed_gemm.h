@@ -82,7 +82,8 @@ struct PackedGemm {
   int64_t ldh = 0;
   float* bias_grad = nullptr;           // [ceil(M / kGemmRows), N] (kGeluGradT) or null
   bool tanh_form = false;
-  // B packed ahead by pack_b_rows_bf16 (block nb at b_packed + nb * k * kPackCols), or null:
+  // B packed ahead by pack_b_rows_bf16 or pack_b_nk_bf16 in the layout of the tile kernel
+  // that runs (block nb at b_packed + nb * k * kPackCols), or null:
   // then each work item packs its block itself.
   const c10::BFloat16* b_packed = nullptr;
 };
@@ -108,6 +109,8 @@ inline int64_t packed_b_numel(const PackedGemm& g) {
 // into consecutive bytes they load without those misses.
 constexpr int64_t kAmxTileRows = 16;
 constexpr int64_t kAmxTileDepth = 32;
+// Columns of a B tile: a packed block is 4 groups of them in the AMX layout (packed_gemm.cpp).
+constexpr int64_t kAmxGroupCols = 16;
 
 // Panels of A from which the AMX tiles pack A into two buffers in turn; with fewer, into one.
 // A second buffer lets a thread pack panel p + 1 while the other still computes panel p: it
@@ -154,8 +157,9 @@ inline GemmQueue::GemmQueue(const PackedGemm& g, bool amx_tiles)
 // Every one of the `threads` threads of a parallel region calls this. A thread takes a work
 // item (a panel of A's rows and a 64-column block of B; in the last panel, the last `threads`
 // blocks go one tile at a time) from the shared counter `queue->next`, packs the block into
-// the VNNI layout the tile kernels read (K/2 rows of 64 pairs, K x 128 bytes, which then stays
-// in its L2) and computes the item's tiles, until no item is left. Packing inside the GEMM
+// the VNNI layout its tile kernel reads (K x 128 bytes, which then stays in its L2; the AMX
+// tiles' layout keeps each B tile in one piece: BlockLayout in packed_gemm.cpp) and computes
+// the item's tiles, until no item is left. Packing inside the GEMM
 // saves a pass over B through memory. With AMX tiles (queue->amx) a panel's items come after
 // one item per 256-row tile that packs A into AMX tiles; an item waits only for items taken
 // before it, so the threads cannot deadlock. Implemented in the AVX512 build only (the others
@@ -166,15 +170,18 @@ MMFAST_DECLARE_ISA_KERNEL(
 
 // Column blocks [block_begin, block_end) of B given as B^T [n, b_k] (a weight as stored, row
 // stride ldb; b_k is k or k - 1, the missing row packed as zeros) into `packed` (the b_packed
-// layout): packed weights made once for many forwards.
+// layout; amx_layout: the AMX tiles' block layout, else the vdpbf16ps tiles'): packed weights
+// made once for many forwards.
 MMFAST_DECLARE_ISA_KERNEL(
     void pack_b_nk_bf16(const c10::BFloat16* b, int64_t ldb, int64_t b_k, int64_t k, int64_t n,
-                        int64_t block_begin, int64_t block_end, c10::BFloat16* packed))
+                        bool amx_layout, int64_t block_begin, int64_t block_end,
+                        c10::BFloat16* packed))
 
 // Row pairs [pair_begin, pair_end) of B [b_k, n] (row stride ldb; b_k is k or k - 1, the
-// missing row packed as zeros) into every column block of `packed` (the b_packed layout),
-// reading B's rows in order. For a row-major B that several panels of A would each pack
-// column block by column block, 64 columns of every row at a time.
+// missing row packed as zeros) into every column block of `packed` (the b_packed layout,
+// amx_layout as for pack_b_nk_bf16), reading B's rows in order. For a row-major B that several
+// panels of A would each pack column block by column block, 64 columns of every row at a time.
 MMFAST_DECLARE_ISA_KERNEL(
     void pack_b_rows_bf16(const c10::BFloat16* b, int64_t ldb, int64_t b_k, int64_t k, int64_t n,
-                          int64_t pair_begin, int64_t pair_end, c10::BFloat16* packed))
+                          bool amx_layout, int64_t pair_begin, int64_t pair_end,
+                          c10::BFloat16* packed))
