@@ -209,41 +209,42 @@ Tensor even_k_buffer(int64_t rows, int64_t cols, const Tensor& like) {
   return buf;
 }
 
-// A GEMM of a [M, K] (from even_k_operand, or a view of an even_k_buffer: an odd K is read
-// with its zero padding column) by B, given as b [N, K] (B^T: a weight as stored) when b_nk,
-// else as b [K, N]; b has unit column stride and outlives the GEMM.
-PackedGemm gemm_over(const Tensor& a, const Tensor& b, bool b_nk, GemmEpilogue epilogue) {
-  TORCH_INTERNAL_ASSERT(a.stride(1) == 1 && a.stride(0) >= a.size(1) + a.size(1) % 2 &&
-                        b.stride(1) == 1);
-  PackedGemm g;
-  g.m = a.size(0);
+// g's B operand: b [N, K] (B^T: a weight as stored) when b_nk, else b [K, N]; b has unit
+// column stride and outlives the GEMM.
+void set_b(PackedGemm& g, const Tensor& b, bool b_nk) {
+  TORCH_INTERNAL_ASSERT(b.stride(1) == 1);
   g.n = b.size(b_nk ? 0 : 1);
-  g.k = a.size(1) + a.size(1) % 2;
-  g.a = a.const_data_ptr<BF16>();
-  g.lda = a.stride(0);
   g.b = b.const_data_ptr<BF16>();
   g.ldb = b.stride(0);
   g.b_k = b.size(b_nk ? 1 : 0);
   g.b_nk = b_nk;
+}
+
+// A GEMM of a [M, K] (from even_k_operand, or a view of an even_k_buffer: an odd K is read
+// with its zero padding column) by B (set_b).
+PackedGemm gemm_over(const Tensor& a, const Tensor& b, bool b_nk, GemmEpilogue epilogue) {
+  TORCH_INTERNAL_ASSERT(a.stride(1) == 1 && a.stride(0) >= a.size(1) + a.size(1) % 2);
+  PackedGemm g;
+  g.m = a.size(0);
+  g.k = a.size(1) + a.size(1) % 2;
+  g.a = a.const_data_ptr<BF16>();
+  g.lda = a.stride(0);
+  set_b(g, b, b_nk);
   g.epilogue = epilogue;
   return g;
 }
 
-// A GEMM of A [M, K] given as AMX A tiles (PackedGemm::a_tiled) by B, given as b [N, K] (B^T:
-// a weight as stored, unit column stride, outliving the GEMM); epilogue kStore.
+// A GEMM of A [M, K] given as AMX A tiles (PackedGemm::a_tiled) by B^T = b [N, K] (a weight as
+// stored, see set_b); epilogue kStore.
 PackedGemm gemm_over_tiles(const BF16* a_tiles, int64_t m, int64_t k, const Tensor& b) {
-  TORCH_INTERNAL_ASSERT(k % 2 == 0 && b.stride(1) == 1 && b.size(1) <= k);
+  TORCH_INTERNAL_ASSERT(k % 2 == 0 && b.size(1) <= k);
   PackedGemm g;
   g.m = m;
-  g.n = b.size(0);
   g.k = k;
   g.a = a_tiles;
   g.a_tiled = true;
   g.lda = ceil_div(k, kAmxTileDepth) * kAmxTileDepth;
-  g.b = b.const_data_ptr<BF16>();
-  g.ldb = b.stride(0);
-  g.b_k = b.size(1);
-  g.b_nk = true;
+  set_b(g, b, true);
   g.epilogue = GemmEpilogue::kStore;
   return g;
 }
@@ -323,10 +324,10 @@ Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Te
   // On AMX tiles the first GEMM writes a panel's activation as the second GEMM's A tiles
   // (kBiasGeluTiles), else as rows the second GEMM reads in place.
   const bool tiles = bf16_gemm_amx();
-  const int64_t act_steps = ceil_div(ld_act, kAmxTileDepth);
+  const int64_t tiles_k = ceil_div(ld_act, kAmxTileDepth) * kAmxTileDepth;  // a_tiled's lda
   const auto act_buffer = [&](int64_t rows) {
-    return tiles ? at::empty({ceil_div(rows, kAmxTileRows) * kAmxTileRows * act_steps *
-                              kAmxTileDepth}, x2.options())
+    return tiles ? at::empty({ceil_div(rows, kAmxTileRows) * kAmxTileRows * tiles_k},
+                             x2.options())
                  : even_k_buffer(rows, hid, x2);
   };
   const std::array<Tensor, 2> acts = {act_buffer(std::min(panel_rows, m)),
@@ -339,8 +340,7 @@ Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Te
                        tiles ? GemmEpilogue::kBiasGeluTiles : GemmEpilogue::kBiasGelu);
     g.bias = bias1.defined() ? bias1.const_data_ptr<BF16>() : nullptr;
     g.out = buffer(p).mutable_data_ptr<BF16>();
-    g.ldo = ld_act;
-    g.out_steps = act_steps;
+    g.ldo = tiles ? tiles_k : ld_act;
     g.out2 = keep_h ? h.mutable_data_ptr<BF16>() + r0 * hid : nullptr;
     g.ldo2 = hid;
     g.tanh_form = tanh_form;

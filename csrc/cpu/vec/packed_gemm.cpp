@@ -98,33 +98,29 @@ MMFAST_BF16_TARGET void store_transposed(const float* tile, int64_t rows, int64_
   }
 }
 
-// Where B[2 r + e][n0 + j] of a packed block (K/2 = k2 pair rows) lies. For the vdpbf16ps tiles
-// (vnni_tile.h): pair row r is 64 pairs, packed[r][j][e]. For AMX tiles (amx_tile.h): four
-// groups of 16 columns, each k2 rows of 16 pairs, packed[j / 16][r][j % 16][e], so that a B
-// tile (16 pair rows of a group) is 1 KiB in one piece. Read with a 256-byte stride instead
-// (the rows layout), the tile loads ran a GEMM whose operands sat in L2 at 0.58-0.64
-// TFLOP/s per core against 0.76-0.82 in one piece (micro-benchmark, one thread).
+// Where B[2 r + e][n0 + j] of a packed block (K/2 = k2 pair rows) lies: groups of `width`
+// columns, each k2 pair rows of `width` pairs, packed[j / width][r][j % width][e]. The
+// vdpbf16ps tiles (vnni_tile.h) read one group of 64 (a pair row is 64 pairs); AMX's
+// (amx_tile.h) read four of 16, so that a B tile (16 pair rows of a group) is 1 KiB in one
+// piece. Read with a 256-byte stride instead (one group of 64), the tile loads ran a GEMM
+// whose operands sat in L2 at 0.58-0.64 TFLOP/s per core against 0.76-0.82 in one piece
+// (micro-benchmark, one thread).
 struct BlockLayout {
-  bool amx;
-  int64_t k2;
-  int64_t pair_row(int64_t r, int64_t j) const {  // offset of pair (r, j), j % 16 == 0 for amx
-    return amx ? (j / 16) * k2 * 2 * kAmxGroupCols + r * 2 * kAmxGroupCols
-               : r * 2 * kPackCols + 2 * j;
+  BlockLayout(bool amx, int64_t k2) : width(amx ? kAmxGroupCols : kPackCols), k2(k2) {}
+  int64_t width, k2;
+  int64_t pair(int64_t r, int64_t j) const {  // offset of pair (r, j) in the block
+    return (j / width) * k2 * 2 * width + r * 2 * width + 2 * (j % width);
   }
 };
 
 // Pair row r of a block from B's rows first, second (second null: zeros), `cols` columns.
 void pack_pair_row(const BlockLayout& layout, const BF16* first, const BF16* second,
                    int64_t cols, int64_t r, BF16* packed) {
-  if (!layout.amx) {
-    interleave_pair(first, second, cols, kPackCols, packed + layout.pair_row(r, 0));
-    return;
-  }
-  for (int64_t j = 0; j < kPackCols; j += kAmxGroupCols) {
+  for (int64_t j = 0; j < kPackCols; j += layout.width) {
     // Past `cols` the masked loads read nothing: the group is written as zeros.
     interleave_pair(first + j, second != nullptr ? second + j : nullptr,
-                    std::clamp<int64_t>(cols - j, 0, kAmxGroupCols), kAmxGroupCols,
-                    packed + layout.pair_row(r, j));
+                    std::clamp<int64_t>(cols - j, 0, layout.width), layout.width,
+                    packed + layout.pair(r, j));
   }
 }
 
@@ -188,7 +184,7 @@ MMFAST_BF16_TARGET void bias_gelu_tiles(const PackedGemm& g, const Tile& t, cons
   for (int64_t i = 0; i < rows; ++i) {
     const int64_t r = t.m0 + i;
     BF16* tile_row =
-        g.out + (r / kAmxTileRows) * g.out_steps * kTile + (r % kAmxTileRows) * kAmxTileDepth;
+        g.out + (r / kAmxTileRows) * g.ldo * kAmxTileRows + (r % kAmxTileRows) * kAmxTileDepth;
     BF16* pre = g.out2 == nullptr || i >= t.rows ? nullptr : g.out2 + r * g.ldo2 + t.n0;
     for (int64_t c = 0; c < t.cols; c += kChunk) {
       const int64_t n = std::min(kChunk, t.cols - c);
@@ -249,29 +245,25 @@ MMFAST_BF16_TARGET void gelu_grad_rows(const PackedGemm& g, const Tile& t, float
 // Columns [n0, n0 + cols) of B from B^T [N, k] rows (stride ld) into `packed`.
 void pack_block_from_nk(const BlockLayout& layout, const BF16* src, int64_t ld, int64_t k,
                         int64_t n0, int64_t cols, BF16* packed) {
-  const int64_t k2 = layout.k2;
-  // Words of a column group's pair row: 16 in the AMX layout, 64 in the rows one.
-  const int64_t width = layout.amx ? kAmxGroupCols : kPackCols;
+  const int64_t k2 = layout.k2, width = layout.width;
   // Rows of B^T viewed as 32-bit pairs are already VNNI pairs: one word transpose per group.
   if (k % 2 == 0 && ld % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0) {
     for (int64_t j = 0; j < cols; j += width) {
-      transpose32(src + (n0 + j) * ld, ld / 2, packed + layout.pair_row(0, j), width,
+      transpose32(src + (n0 + j) * ld, ld / 2, packed + layout.pair(0, j), width,
                   std::min(width, cols - j), k2);
     }
   } else {
     for (int64_t j = 0; j < cols; ++j) {
       const BF16* row = src + (n0 + j) * ld;
-      const int64_t group = j / width * width;
       for (int64_t kk = 0; kk < 2 * k2; ++kk) {
-        packed[layout.pair_row(kk / 2, group) + 2 * (j - group) + kk % 2] =
-            kk < k ? row[kk] : BF16(0.0f);
+        packed[layout.pair(kk / 2, j) + kk % 2] = kk < k ? row[kk] : BF16(0.0f);
       }
     }
   }
   for (int64_t j = cols / width * width; j < kPackCols; j += width) {
     const int64_t from = std::max<int64_t>(cols - j, 0);  // zeros from this word of the group
     for (int64_t r = 0; r < k2; ++r) {
-      BF16* row = packed + layout.pair_row(r, j);
+      BF16* row = packed + layout.pair(r, j);
       std::fill(row + 2 * from, row + 2 * width, BF16(0.0f));
     }
   }
@@ -445,8 +437,8 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
           amx_tile(t.rows, k2,
                    a_tiles + (t.mblock - panel * panel_tiles) * a_tile_elems +
                        k0 / kAmxTileDepth * kAmxTileRows * kAmxTileDepth,
-                   queue->a_steps, block + layout.pair_row(k0 / 2, 0),
-                   layout.pair_row(0, kAmxGroupCols), acc.data(), k0 > 0);
+                   queue->a_steps, block + layout.pair(k0 / 2, 0),
+                   layout.pair(0, kAmxGroupCols), acc.data(), k0 > 0);
         } else {
           vnni_tile(t.rows, k2, g.a + t.m0 * g.lda + k0, g.lda, block + k0 * kPackCols,
                     acc.data(), k0 > 0);

@@ -41,8 +41,8 @@ enum class GemmEpilogue : int {
   // d = bf16(acc) * gelu'(h[m, n]); out[n, m] = d (when out); out2[n, m] = gelu(h[m, n]) (when
   // out2); bias_grad[m / kGemmRows, n] = sum over the tile's rows of d (float32, when not null).
   kGeluGradT,
-  // kBiasGelu with the activation written as AMX A tiles (PackedGemm::a_tiled's layout with
-  // out_steps K steps; zeros past N, and in the last row tile's rows past M): the next GEMM's A
+  // kBiasGelu with the activation written as AMX A tiles (PackedGemm::a_tiled's layout, ldo
+  // its lda; zeros past N, and in the last row tile's rows past M): the next GEMM's A
   // operand as its tile kernel reads it, with no [M, N] activation and no packing pass. AMX
   // tiles only.
   kBiasGeluTiles,
@@ -74,7 +74,6 @@ struct PackedGemm {
   const c10::BFloat16* bias = nullptr;  // [N] or null
   c10::BFloat16* out = nullptr;         // row stride ldo
   int64_t ldo = 0;
-  int64_t out_steps = 0;                // K steps of the tiles out holds (kBiasGeluTiles)
   const int64_t* out_rows = nullptr;    // [M] (kStore) or null
   c10::BFloat16* out2 = nullptr;        // row stride ldo2
   int64_t ldo2 = 0;
