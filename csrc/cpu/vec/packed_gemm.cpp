@@ -20,6 +20,7 @@
 
 #include "cpu/vec/chunk.h"
 #include "cpu/vec/gelu.h"
+#include "cpu/vec/pair_interleave.h"
 #include "cpu/vec/transpose.h"
 
 namespace mmfast::cpu::CPU_CAPABILITY {
@@ -113,30 +114,20 @@ struct BlockLayout {
 };
 
 // Pair row r of a block from B's rows first, second (second null: zeros), `cols` columns, 32
-// at a time: one load from each row and two permutes give the pairs of columns [j, j + 16) and
-// [j + 16, j + 32), which go to pair(r, j) and pair(r, j + 16) (one line each in both layouts).
-// Past `cols` the masked loads read nothing: those pairs are written as zeros. With a masked
-// load of 16 columns from each row per AMX group (8 loads per pair row instead of 4), SigLIP's
-// g w2 GEMM, whose B (w2) each work item packs from rows 8 KiB apart, took 33.7 ms against
-// 24.6 (bf16 training step, medians of 16 alternating rounds in one process).
-MMFAST_BF16_TARGET void pack_pair_row(const BlockLayout& layout, const BF16* first,
-                                      const BF16* second, int64_t cols, int64_t r, BF16* packed) {
+// at a time (interleave_32): the pairs of columns [j, j + 16) and [j + 16, j + 32) go to
+// pair(r, j) and pair(r, j + 16), one line each in both layouts; past `cols` they are zeros.
+// With a masked load of 16 columns from each row per AMX group (8 loads per pair row instead of
+// 4), SigLIP's g w2 GEMM, whose B (w2) each work item packs from rows 8 KiB apart, took 33.7 ms
+// against 24.6 (bf16 training step, medians of 16 alternating rounds in one process).
+void pack_pair_row(const BlockLayout& layout, const BF16* first, const BF16* second,
+                   int64_t cols, int64_t r, BF16* packed) {
   static_assert(kPackCols % 32 == 0 && kAmxGroupCols == 16, "32 columns fill two groups' lines");
-  alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
-                                               37, 6,  38, 7,  39, 8,  40, 9,  41, 10, 42,
-                                               11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
-                                               53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
-                                               27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
   for (int64_t j = 0; j < kPackCols; j += 32) {
-    const int64_t n = std::clamp<int64_t>(cols - j, 0, 32);
-    const __mmask32 mask = n == 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
-    const __m512i a = _mm512_maskz_loadu_epi16(mask, first + j);
-    const __m512i b =
-        second != nullptr ? _mm512_maskz_loadu_epi16(mask, second + j) : _mm512_setzero_si512();
-    _mm512_storeu_si512(packed + layout.pair(r, j), _mm512_permutex2var_epi16(a, lo, b));
-    _mm512_storeu_si512(packed + layout.pair(r, j + 16), _mm512_permutex2var_epi16(a, hi, b));
+    __m512i lo, hi;
+    interleave_32(first + j, second != nullptr ? second + j : nullptr,
+                  std::clamp<int64_t>(cols - j, 0, 32), lo, hi);
+    _mm512_storeu_si512(packed + layout.pair(r, j), lo);
+    _mm512_storeu_si512(packed + layout.pair(r, j + 16), hi);
   }
 }
 

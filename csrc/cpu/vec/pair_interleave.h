@@ -14,11 +14,12 @@
 
 namespace mmfast::cpu::CPU_CAPABILITY {
 
-// d[2 j + e] = (e ? second : first)[j] for j < cols, zeros for cols <= j < width and for a null
-// second row (cols <= width; d holds 2 width values).
-inline void interleave_pair(const c10::BFloat16* first, const c10::BFloat16* second,
-                            int64_t cols, int64_t width, c10::BFloat16* d) {
 #if defined(CPU_CAPABILITY_AVX512)
+// Columns [0, 32) of the two rows interleaved: lo holds the pairs of columns [0, 16), hi those of
+// [16, 32) (one 64-byte line each). Columns from n (<= 32) on, and all of a null second row,
+// are read as zeros.
+inline void interleave_32(const c10::BFloat16* first, const c10::BFloat16* second, int64_t n,
+                          __m512i& lo, __m512i& hi) {
   // Word 2j of the interleave takes element j of the first row, word 2j + 1 element j of the
   // second (vpermt2w: indices >= 32 pick from the second operand).
   alignas(64) static const uint16_t kLo[32] = {0,  32, 1,  33, 2,  34, 3,  35, 4,  36, 5,
@@ -27,22 +28,30 @@ inline void interleave_pair(const c10::BFloat16* first, const c10::BFloat16* sec
   alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
                                                53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
                                                27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_load_si512(kHi);
+  const __mmask32 mask = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+  const __m512i a = _mm512_maskz_loadu_epi16(mask, first);
+  const __m512i b =
+      second != nullptr ? _mm512_maskz_loadu_epi16(mask, second) : _mm512_setzero_si512();
+  lo = _mm512_permutex2var_epi16(a, _mm512_load_si512(kLo), b);
+  hi = _mm512_permutex2var_epi16(a, _mm512_load_si512(kHi), b);
+}
+#endif
+
+// d[2 j + e] = (e ? second : first)[j] for j < cols, zeros for cols <= j < width and for a null
+// second row (cols <= width; d holds 2 width values).
+inline void interleave_pair(const c10::BFloat16* first, const c10::BFloat16* second,
+                            int64_t cols, int64_t width, c10::BFloat16* d) {
+#if defined(CPU_CAPABILITY_AVX512)
   const auto first_bits = [](int64_t n) {  // a mask of the first n (<= 32) lanes
     return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
   };
   for (int64_t j0 = 0; j0 < width; j0 += 32) {
-    const __mmask32 load = first_bits(std::clamp<int64_t>(cols - j0, 0, 32));
-    const __m512i a = _mm512_maskz_loadu_epi16(load, first + j0);
-    const __m512i b =
-        second != nullptr ? _mm512_maskz_loadu_epi16(load, second + j0) : _mm512_setzero_si512();
+    __m512i lo, hi;
+    interleave_32(first + j0, second != nullptr ? second + j0 : nullptr,
+                  std::clamp<int64_t>(cols - j0, 0, 32), lo, hi);
     const int64_t out = std::min<int64_t>(32, width - j0);  // pairs written from this step
-    _mm512_mask_storeu_epi16(d + 2 * j0, first_bits(2 * std::min<int64_t>(out, 16)),
-                             _mm512_permutex2var_epi16(a, lo, b));
-    if (out > 16) {
-      _mm512_mask_storeu_epi16(d + 2 * j0 + 32, first_bits(2 * (out - 16)),
-                               _mm512_permutex2var_epi16(a, hi, b));
-    }
+    _mm512_mask_storeu_epi16(d + 2 * j0, first_bits(2 * std::min<int64_t>(out, 16)), lo);
+    if (out > 16) _mm512_mask_storeu_epi16(d + 2 * j0 + 32, first_bits(2 * (out - 16)), hi);
   }
 #else
   for (int64_t j = 0; j < width; ++j) {
