@@ -16,7 +16,6 @@
 #endif
 
 #include <algorithm>
-#include <vector>
 
 #include "cpu/vec/chunk.h"
 #include "cpu/vec/gelu.h"
@@ -359,10 +358,14 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
   const int64_t mblocks = ceil_div(g.m, kGemmRows), nblocks = ceil_div(g.n, kPackCols);
   const bool transposed =
       g.epilogue == GemmEpilogue::kStoreT || g.epilogue == GemmEpilogue::kGeluGradT;
-  std::vector<BF16> packed(g.b_packed == nullptr ? g.k * kPackCols : 0);
-  std::vector<float> acc(kGemmRows * kPackCols);
-  std::vector<float> act(g.epilogue == GemmEpilogue::kGeluGradT ? kGemmRows * kPackCols : 0);
-  std::vector<float> scratch(transposed ? kPackCols * kGemmRows : 0);
+  // The tile kernels load and store these by whole cache lines (aligned_array.h).
+  const auto packed_block = aligned_array<BF16>(g.b_packed == nullptr ? g.k * kPackCols : 0);
+  const auto acc_tile = zeroed_array<float>(kGemmRows * kPackCols);
+  const auto act_tile =
+      zeroed_array<float>(g.epilogue == GemmEpilogue::kGeluGradT ? kGemmRows * kPackCols : 0);
+  const auto scratch_tile = zeroed_array<float>(transposed ? kPackCols * kGemmRows : 0);
+  BF16* packed = packed_block.get();
+  float* acc = acc_tile.get();
   // Work items are (panel of A rows, column block of B), panel-major: the threads work on
   // the same panel (<= kPanelBytes of A, read from L3 once per column block) at a time, and A
   // comes from memory once. Without panels an A larger than L3 (LLaVA's 8 images: 4608 x 4096)
@@ -429,11 +432,11 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
     Tile t;
     t.n0 = nb * kPackCols;
     t.cols = std::min(kPackCols, g.n - t.n0);
-    const BF16* block = g.b_packed != nullptr ? g.b_packed + nb * g.k * kPackCols : packed.data();
+    const BF16* block = g.b_packed != nullptr ? g.b_packed + nb * g.k * kPackCols : packed;
     if (g.b_packed == nullptr && g.b_nk) {
-      pack_block_from_nk(layout, g.b, g.ldb, g.b_k, t.n0, t.cols, packed.data());
+      pack_block_from_nk(layout, g.b, g.ldb, g.b_k, t.n0, t.cols, packed);
     } else if (g.b_packed == nullptr) {
-      pack_block_from_kn(layout, g.b, g.ldb, g.b_rows, g.b_k, t.n0, t.cols, packed.data());
+      pack_block_from_kn(layout, g.b, g.ldb, g.b_rows, g.b_k, t.n0, t.cols, packed);
     }
     for (t.mblock = mblock_begin; t.mblock < mblock_end; ++t.mblock) {
       t.m0 = t.mblock * kGemmRows;
@@ -445,29 +448,29 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
                    a_tiles + (t.mblock - panel * panel_tiles) * a_tile_elems +
                        k0 / kAmxTileDepth * kAmxTileRows * kAmxTileDepth,
                    queue->a_steps, block + layout.pair(k0 / 2, 0),
-                   layout.pair(0, kAmxGroupCols), acc.data(), k0 > 0);
+                   layout.pair(0, kAmxGroupCols), acc, k0 > 0);
         } else {
           vnni_tile(t.rows, k2, g.a + t.m0 * g.lda + k0, g.lda, block + k0 * kPackCols,
-                    acc.data(), k0 > 0);
+                    acc, k0 > 0);
         }
       }
       switch (g.epilogue) {
-        case GemmEpilogue::kStore: store_rows(g, t, acc.data()); break;
+        case GemmEpilogue::kStore: store_rows(g, t, acc); break;
         case GemmEpilogue::kStoreT:
-          store_transposed(acc.data(), t.rows, t.cols, g.out + t.n0 * g.ldo + t.m0, g.ldo,
-                           scratch.data());
+          store_transposed(acc, t.rows, t.cols, g.out + t.n0 * g.ldo + t.m0, g.ldo,
+                           scratch_tile.get());
           break;
-        case GemmEpilogue::kBiasGelu: bias_gelu_rows(g, t, acc.data()); break;
-        case GemmEpilogue::kBiasGeluTiles: bias_gelu_tiles(g, t, acc.data()); break;
+        case GemmEpilogue::kBiasGelu: bias_gelu_rows(g, t, acc); break;
+        case GemmEpilogue::kBiasGeluTiles: bias_gelu_tiles(g, t, acc); break;
         case GemmEpilogue::kGeluGradT:
-          gelu_grad_rows(g, t, acc.data(), act.data());
+          gelu_grad_rows(g, t, acc, act_tile.get());
           if (g.out != nullptr) {
-            store_transposed(acc.data(), t.rows, t.cols, g.out + t.n0 * g.ldo + t.m0, g.ldo,
-                             scratch.data());
+            store_transposed(acc, t.rows, t.cols, g.out + t.n0 * g.ldo + t.m0, g.ldo,
+                             scratch_tile.get());
           }
           if (g.out2 != nullptr) {
-            store_transposed(act.data(), t.rows, t.cols, g.out2 + t.n0 * g.ldo2 + t.m0, g.ldo2,
-                             scratch.data());
+            store_transposed(act_tile.get(), t.rows, t.cols, g.out2 + t.n0 * g.ldo2 + t.m0, g.ldo2,
+                             scratch_tile.get());
           }
           break;
       }

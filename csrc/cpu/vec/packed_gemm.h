@@ -18,6 +18,7 @@
 #include <memory>
 
 #include "common/ceil_div.h"
+#include "cpu/aligned_array.h"
 #include "cpu/isa.h"
 
 namespace mmfast::cpu {
@@ -131,7 +132,7 @@ struct GemmQueue {
   // A-panel buffers in a_panels: 1, or 2 from kDoubleBufferPanels on; none for an A given
   // as tiles (a_tiled)
   int64_t a_buffers = 0;
-  std::unique_ptr<c10::BFloat16[]> a_panels[2];
+  AlignedArray<c10::BFloat16> a_panels[2];  // tiles loaded whole: on cache lines
   std::unique_ptr<std::atomic<int64_t>[]> packed_tiles, done_items;  // per panel
 };
 
@@ -145,7 +146,7 @@ inline GemmQueue::GemmQueue(const PackedGemm& g, bool amx_tiles)
   const int64_t panel_elems = tiles * kGemmRows * a_steps * kAmxTileDepth;
   a_buffers = g.a_tiled ? 0 : panels >= kDoubleBufferPanels ? 2 : 1;
   for (int64_t b = 0; b < a_buffers; ++b) {
-    a_panels[b].reset(new c10::BFloat16[panel_elems]);
+    a_panels[b] = aligned_array<c10::BFloat16>(panel_elems);
   }
   packed_tiles.reset(new std::atomic<int64_t>[panels]());  // zeros
   done_items.reset(new std::atomic<int64_t>[panels]());
