@@ -8,8 +8,12 @@
 // (tmm0-3) fed by two A tiles (tmm4-5) and two B tiles (tmm6-7). A is read from a copy packed
 // into tiles: read in place, a tile's 16 rows sit a row of A apart (8 KiB for a 4096-wide
 // activation, all in one L1 set); in a micro-benchmark the copy ran 632 GFLOP/s per core
-// against 466 in place. Included by the AVX512 build of packed_gemm only, which runs it where
-// bf16_gemm_amx() holds (the process then has the tile state from Linux).
+// against 466 in place. No software prefetch: with the tiles on cache lines
+// (aligned_array.h), fetching A and B two steps ahead into L1 made the GEMMs slower (same
+// process, SigLIP bf16 forward 21.8 ms against 19.8 without; a [256 x 64] x 1024
+// micro-benchmark from L2: 1326 against 1644 GFLOP/s per core). The tiles are read in address
+// order, which the hardware prefetchers follow. Included by the AVX512 build of packed_gemm
+// only, which runs it where bf16_gemm_amx() holds (the process then has the tile state from Linux).
 #pragma once
 
 #include <c10/util/BFloat16.h>
@@ -37,11 +41,6 @@ MMFAST_AMX_TARGET inline void amx_configure() {
   }
   _tile_loadconfig(&c);
 }
-
-// K steps ahead whose tiles are fetched into L1 while the current step computes: a tile load
-// gathers 16 lines, and each miss stalls the tile unit (in a micro-benchmark of a [256 x 64] x
-// 2048 tile, fetching two steps ahead of A and B ran at 582 GFLOP/s per core, 309 without).
-constexpr int64_t kAmxPrefetch = 2;
 
 // acc [ceil16(rows), 64] (+)= A x packed, A packed into tiles (pack_a_tiles in
 // packed_gemm.cpp): tile (rt, q) of 16 rows x 32 values at ap + (rt * a_steps + q) * 512, zero
@@ -86,18 +85,6 @@ MMFAST_AMX_TARGET inline void amx_tile(
       const c10::BFloat16* b0 = packed + g * group_stride;
       const c10::BFloat16* b1 = b0 + group_stride;
       for (int64_t q = 0; q < steps; ++q) {
-        if (q + kAmxPrefetch < kc) {
-          const char* pa0 = reinterpret_cast<const char*>(a0 + (q + kAmxPrefetch) * kTile);
-          const char* pa1 = reinterpret_cast<const char*>(a1 + (q + kAmxPrefetch) * kTile);
-          const char* pb0 = reinterpret_cast<const char*>(b0 + (q + kAmxPrefetch) * kTile);
-          const char* pb1 = reinterpret_cast<const char*>(b1 + (q + kAmxPrefetch) * kTile);
-          for (int l = 0; l < 16; ++l) {
-            _mm_prefetch(pa0 + 64 * l, _MM_HINT_T0);
-            if (two) _mm_prefetch(pa1 + 64 * l, _MM_HINT_T0);
-            _mm_prefetch(pb0 + 64 * l, _MM_HINT_T0);
-            _mm_prefetch(pb1 + 64 * l, _MM_HINT_T0);
-          }
-        }
         const bool tail = q == kc;
         _tile_loadd(4, a0 + q * kTile, 64);
         _tile_loadd(6, tail ? b_tail[g] : b0 + q * kTile, kStrideB);
