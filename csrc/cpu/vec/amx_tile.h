@@ -42,22 +42,33 @@ MMFAST_AMX_TARGET inline void amx_configure() {
   _tile_loadconfig(&c);
 }
 
-// acc [ceil16(rows), 64] (+)= A x packed, A packed into tiles (pack_a_tiles in
-// packed_gemm.cpp): tile (rt, q) of 16 rows x 32 values at ap + (rt * a_steps + q) * 512, zero
-// past `rows` and past 2 k2 values.
+// Packed blocks of B (64 columns each) one call of amx_tile takes at most: a work item's
+// column blocks (kAmxItemBlocks in packed_gemm.h).
+constexpr int64_t kAmxMaxBlocks = 2;
+
+// For each of `blocks` packed blocks b (at packed + b * block_stride, its accumulator acc_b at
+// acc + b * acc_stride): acc_b [ceil16(rows), 64] (+)= A x block b, A packed into tiles
+// (pack_a_tiles in packed_gemm.cpp): tile (rt, q) of 16 rows x 32 values at
+// ap + (rt * a_steps + q) * 512, zero past `rows` and past 2 k2 values. Each 32-row strip of A
+// is multiplied by every block in turn, so that it comes from L3 once per call and from L2
+// for the other blocks (see kAmxItemBlocks).
 MMFAST_AMX_TARGET inline void amx_tile(
     int64_t rows, int64_t k2, const c10::BFloat16* ap, int64_t a_steps,  // ap: tiles of A
-    const c10::BFloat16* packed, int64_t group_stride,  // 4 groups of [k2, 16, 2]
-    float* acc, bool accumulate) {                      // [ceil16(rows), 64]
+    const c10::BFloat16* packed, int64_t group_stride,  // per block: 4 groups of [k2, 16, 2]
+    int64_t blocks, int64_t block_stride,
+    float* acc, int64_t acc_stride, bool accumulate) {  // per block: [ceil16(rows), 64]
   constexpr int64_t kTile = 16 * 32;
+  constexpr int64_t kGroups = 4;
   const int64_t kc = k2 / 16, kt = k2 % 16;
   // The last partial tile of each group, zero-padded to 16 pair rows.
-  alignas(64) c10::BFloat16 b_tail[4][kTile];
+  alignas(64) c10::BFloat16 b_tail[kAmxMaxBlocks * kGroups][kTile];
   if (kt > 0) {
-    std::memset(b_tail, 0, sizeof(b_tail));
-    for (int g = 0; g < 4; ++g) {
-      std::memcpy(b_tail[g], packed + g * group_stride + kc * kTile,
-                  kt * 32 * sizeof(c10::BFloat16));
+    std::memset(b_tail, 0, blocks * kGroups * sizeof(b_tail[0]));
+    for (int64_t b = 0; b < blocks; ++b) {
+      for (int g = 0; g < kGroups; ++g) {
+        const c10::BFloat16* last = packed + b * block_stride + g * group_stride + kc * kTile;
+        std::memcpy(b_tail[b * kGroups + g], last, kt * 32 * sizeof(c10::BFloat16));
+      }
     }
   }
   amx_configure();
@@ -68,8 +79,9 @@ MMFAST_AMX_TARGET inline void amx_tile(
     const bool two = rows - i0 > 16;
     const c10::BFloat16* a0 = ap + (i0 / 16) * a_steps * kTile;
     const c10::BFloat16* a1 = a0 + a_steps * kTile;
-    for (int jh = 0; jh < 64; jh += 32) {
-      float* c = acc + i0 * 64 + jh;
+    for (int64_t jq = 0; jq < 64 * blocks; jq += 32) {
+      const int64_t b = jq / 64, jh = jq % 64;
+      float* c = acc + b * acc_stride + i0 * 64 + jh;
       if (accumulate) {
         _tile_loadd(0, c, kStrideC);
         _tile_loadd(1, c + 16, kStrideC);
@@ -81,14 +93,16 @@ MMFAST_AMX_TARGET inline void amx_tile(
         _tile_zero(2);
         _tile_zero(3);
       }
-      const int g = jh / 16;  // groups g, g + 1
-      const c10::BFloat16* b0 = packed + g * group_stride;
+      const int64_t g = jh / 16;  // groups g, g + 1
+      const c10::BFloat16* b0 = packed + b * block_stride + g * group_stride;
       const c10::BFloat16* b1 = b0 + group_stride;
+      const c10::BFloat16* t0 = b_tail[b * kGroups + g];
+      const c10::BFloat16* t1 = b_tail[b * kGroups + g + 1];
       for (int64_t q = 0; q < steps; ++q) {
         const bool tail = q == kc;
         _tile_loadd(4, a0 + q * kTile, 64);
-        _tile_loadd(6, tail ? b_tail[g] : b0 + q * kTile, kStrideB);
-        _tile_loadd(7, tail ? b_tail[g + 1] : b1 + q * kTile, kStrideB);
+        _tile_loadd(6, tail ? t0 : b0 + q * kTile, kStrideB);
+        _tile_loadd(7, tail ? t1 : b1 + q * kTile, kStrideB);
         _tile_dpbf16ps(0, 4, 6);
         _tile_dpbf16ps(1, 4, 7);
         if (two) {

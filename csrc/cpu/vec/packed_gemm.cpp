@@ -33,6 +33,7 @@ using BF16 = c10::BFloat16;
 namespace {
 
 static_assert(kVnniCols == kPackCols, "a packed block is one vnni_tile wide");
+static_assert(kAmxItemBlocks <= kAmxMaxBlocks, "amx_tile takes an item's blocks in one call");
 
 // K per tile pass (even): 2048 x 64 of B is 256 KiB, held in L2. With brgemm as the tile
 // kernel, at K = 5120 passes of 2048 ran the GEMM at ~420 GFLOP/s, one pass over all of K at
@@ -349,6 +350,29 @@ MMFAST_BF16_TARGET void pack_a_tiles_gelu_t(const BF16* h, int64_t ldh, int64_t 
   }
 }
 
+// The epilogue of tile t from its accumulator acc (act, scratch: kGemmRows x kPackCols floats
+// of room, for kGeluGradT and the transposed stores).
+MMFAST_BF16_TARGET void epilogue(const PackedGemm& g, const Tile& t, float* acc, float* act,
+                                 float* scratch) {
+  switch (g.epilogue) {
+    case GemmEpilogue::kStore: store_rows(g, t, acc); break;
+    case GemmEpilogue::kStoreT:
+      store_transposed(acc, t.rows, t.cols, g.out + t.n0 * g.ldo + t.m0, g.ldo, scratch);
+      break;
+    case GemmEpilogue::kBiasGelu: bias_gelu_rows(g, t, acc); break;
+    case GemmEpilogue::kBiasGeluTiles: bias_gelu_tiles(g, t, acc); break;
+    case GemmEpilogue::kGeluGradT:
+      gelu_grad_rows(g, t, acc, act);
+      if (g.out != nullptr) {
+        store_transposed(acc, t.rows, t.cols, g.out + t.n0 * g.ldo + t.m0, g.ldo, scratch);
+      }
+      if (g.out2 != nullptr) {
+        store_transposed(act, t.rows, t.cols, g.out2 + t.n0 * g.ldo2 + t.m0, g.ldo2, scratch);
+      }
+      break;
+  }
+}
+
 }  // namespace
 
 void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
@@ -356,40 +380,45 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
                                         g.epilogue == GemmEpilogue::kBiasGeluTiles),
                         "a_gelu_t, a_tiled and kBiasGeluTiles need the AMX tiles");
   const int64_t mblocks = ceil_div(g.m, kGemmRows), nblocks = ceil_div(g.n, kPackCols);
+  const bool amx = queue->amx;
+  // Column blocks per compute item, and the items' column groups of that many blocks.
+  const int64_t width = amx ? amx_item_blocks(g, threads) : 1;
+  const int64_t groups = ceil_div(nblocks, width);
   const bool transposed =
       g.epilogue == GemmEpilogue::kStoreT || g.epilogue == GemmEpilogue::kGeluGradT;
   // The tile kernels load and store these by whole cache lines (aligned_array.h).
-  const auto packed_block = aligned_array<BF16>(g.b_packed == nullptr ? g.k * kPackCols : 0);
-  const auto acc_tile = zeroed_array<float>(kGemmRows * kPackCols);
+  const auto packed_block =
+      aligned_array<BF16>(g.b_packed == nullptr ? width * g.k * kPackCols : 0);
+  const auto acc_tile = zeroed_array<float>(width * kGemmRows * kPackCols);
   const auto act_tile =
       zeroed_array<float>(g.epilogue == GemmEpilogue::kGeluGradT ? kGemmRows * kPackCols : 0);
   const auto scratch_tile = zeroed_array<float>(transposed ? kPackCols * kGemmRows : 0);
   BF16* packed = packed_block.get();
   float* acc = acc_tile.get();
-  // Work items are (panel of A rows, column block of B), panel-major: the threads work on
-  // the same panel (<= kPanelBytes of A, read from L3 once per column block) at a time, and A
-  // comes from memory once. Without panels an A larger than L3 (LLaVA's 8 images: 4608 x 4096)
-  // was streamed from memory once per column block: the forward ran 4-7% slower (timing
-  // script). With AMX tiles each panel's items are preceded by items that pack its A tiles.
+  // Work items are (panel of A rows, column group of `width` blocks of B), panel-major: the
+  // threads work on the same panel (<= kPanelBytes of A, read from L3 once per group) at a
+  // time, and A comes from memory once. Without panels an A larger than L3 (LLaVA's 8 images:
+  // 4608 x 4096) was streamed from memory once per column block: the forward ran 4-7% slower
+  // (timing script). With AMX tiles each panel's items are preceded by items that pack its A
+  // tiles.
   const int64_t panel_tiles = gemm_panel_tiles(g);
   const int64_t npanels = gemm_panels(g);
-  // The last `threads` blocks of the last panel are split into one item per tile: the threads
-  // then finish within about a tile of each other rather than a whole block (a block of w2
+  // The last `threads` groups of the last panel are split into one item per tile: the threads
+  // then finish within about a tile of each other rather than a whole group (a block of w2
   // over SigLIP's 729 tokens is 1.6 ms of work), at the price of packing those blocks once per
   // tile. libgomp's waiting fell from 1.3% to 0.6% of the 13B forward's samples (with the
   // overlapped panels of forward_packed), the SigLIP forward gained ~0.4% in A/B timings.
   const int64_t last_tiles = mblocks - (npanels - 1) * panel_tiles;
-  const int64_t tail_blocks = last_tiles > 1 ? std::min<int64_t>(nblocks, threads) : 0;
-  const bool amx = queue->amx;
+  const int64_t tail_groups = last_tiles > 1 ? std::min<int64_t>(groups, threads) : 0;
   const BlockLayout layout{amx, g.k / 2};
   const bool pack_a = amx && !g.a_tiled;
   const int64_t pack_items = pack_a ? panel_tiles : 0;  // per whole panel
-  const int64_t panel_items = pack_items + nblocks;
+  const int64_t panel_items = pack_items + groups;
   const int64_t last_begin = (npanels - 1) * panel_items;
   const int64_t last_packs = pack_a ? last_tiles : 0;
-  const int64_t last_whole = nblocks - tail_blocks;
+  const int64_t last_whole = groups - tail_groups;
   const auto compute_items = [&](int64_t p) {
-    return p + 1 < npanels ? nblocks : last_whole + tail_blocks * last_tiles;
+    return p + 1 < npanels ? groups : last_whole + tail_groups * last_tiles;
   };
   const int64_t items = last_begin + last_packs + compute_items(npanels - 1);
   const int64_t a_tile_elems = kGemmRows * queue->a_steps * kAmxTileDepth;
@@ -418,61 +447,53 @@ void packed_gemm_bf16(const PackedGemm& g, GemmQueue* queue, int64_t threads) {
       continue;
     }
     const int64_t c = local - packs;
-    int64_t nb, mblock_begin, mblock_end;
+    int64_t group, mblock_begin, mblock_end;
     if (panel + 1 < npanels || c < last_whole) {
-      nb = c;
+      group = c;
       mblock_begin = panel * panel_tiles;
       mblock_end = std::min(mblocks, mblock_begin + panel_tiles);
     } else {
-      nb = last_whole + (c - last_whole) / last_tiles;
+      group = last_whole + (c - last_whole) / last_tiles;
       mblock_begin = panel * panel_tiles + (c - last_whole) % last_tiles;
       mblock_end = mblock_begin + 1;
     }
     if (amx) wait_for(queue->packed_tiles[panel], packs);
-    Tile t;
-    t.n0 = nb * kPackCols;
-    t.cols = std::min(kPackCols, g.n - t.n0);
-    const BF16* block = g.b_packed != nullptr ? g.b_packed + nb * g.k * kPackCols : packed;
-    if (g.b_packed == nullptr && g.b_nk) {
-      pack_block_from_nk(layout, g.b, g.ldb, g.b_k, t.n0, t.cols, packed);
-    } else if (g.b_packed == nullptr) {
-      pack_block_from_kn(layout, g.b, g.ldb, g.b_rows, g.b_k, t.n0, t.cols, packed);
+    const int64_t nb0 = group * width, blocks = std::min(width, nblocks - nb0);
+    const int64_t block_elems = g.k * kPackCols;  // a packed block, here and in b_packed
+    const BF16* block = g.b_packed != nullptr ? g.b_packed + nb0 * block_elems : packed;
+    for (int64_t b = 0; b < blocks && g.b_packed == nullptr; ++b) {
+      const int64_t n0 = (nb0 + b) * kPackCols, cols = std::min(kPackCols, g.n - n0);
+      if (g.b_nk) {
+        pack_block_from_nk(layout, g.b, g.ldb, g.b_k, n0, cols, packed + b * block_elems);
+      } else {
+        pack_block_from_kn(layout, g.b, g.ldb, g.b_rows, g.b_k, n0, cols,
+                           packed + b * block_elems);
+      }
     }
-    for (t.mblock = mblock_begin; t.mblock < mblock_end; ++t.mblock) {
-      t.m0 = t.mblock * kGemmRows;
-      t.rows = std::min(kGemmRows, g.m - t.m0);
+    constexpr int64_t kAccElems = kGemmRows * kPackCols;  // one block's accumulator tile
+    for (int64_t mblock = mblock_begin; mblock < mblock_end; ++mblock) {
+      const int64_t m0 = mblock * kGemmRows, rows = std::min(kGemmRows, g.m - m0);
       for (int64_t k0 = 0; k0 < g.k; k0 += kDepth) {
         const int64_t k2 = std::min(kDepth, g.k - k0) / 2;
         if (amx) {
-          amx_tile(t.rows, k2,
-                   a_tiles + (t.mblock - panel * panel_tiles) * a_tile_elems +
+          amx_tile(rows, k2,
+                   a_tiles + (mblock - panel * panel_tiles) * a_tile_elems +
                        k0 / kAmxTileDepth * kAmxTileRows * kAmxTileDepth,
                    queue->a_steps, block + layout.pair(k0 / 2, 0),
-                   layout.pair(0, kAmxGroupCols), acc, k0 > 0);
+                   layout.pair(0, kAmxGroupCols), blocks, block_elems, acc, kAccElems, k0 > 0);
         } else {
-          vnni_tile(t.rows, k2, g.a + t.m0 * g.lda + k0, g.lda, block + k0 * kPackCols,
-                    acc, k0 > 0);
+          vnni_tile(rows, k2, g.a + m0 * g.lda + k0, g.lda, block + k0 * kPackCols, acc,
+                    k0 > 0);
         }
       }
-      switch (g.epilogue) {
-        case GemmEpilogue::kStore: store_rows(g, t, acc); break;
-        case GemmEpilogue::kStoreT:
-          store_transposed(acc, t.rows, t.cols, g.out + t.n0 * g.ldo + t.m0, g.ldo,
-                           scratch_tile.get());
-          break;
-        case GemmEpilogue::kBiasGelu: bias_gelu_rows(g, t, acc); break;
-        case GemmEpilogue::kBiasGeluTiles: bias_gelu_tiles(g, t, acc); break;
-        case GemmEpilogue::kGeluGradT:
-          gelu_grad_rows(g, t, acc, act_tile.get());
-          if (g.out != nullptr) {
-            store_transposed(acc, t.rows, t.cols, g.out + t.n0 * g.ldo + t.m0, g.ldo,
-                             scratch_tile.get());
-          }
-          if (g.out2 != nullptr) {
-            store_transposed(act_tile.get(), t.rows, t.cols, g.out2 + t.n0 * g.ldo2 + t.m0, g.ldo2,
-                             scratch_tile.get());
-          }
-          break;
+      for (int64_t b = 0; b < blocks; ++b) {
+        Tile t;
+        t.mblock = mblock;
+        t.m0 = m0;
+        t.rows = rows;
+        t.n0 = (nb0 + b) * kPackCols;
+        t.cols = std::min(kPackCols, g.n - t.n0);
+        epilogue(g, t, acc + b * kAccElems, act_tile.get(), scratch_tile.get());
       }
     }
     if (amx) queue->done_items[panel].fetch_add(1, std::memory_order_release);

@@ -120,6 +120,25 @@ constexpr int64_t kAmxGroupCols = 16;
 // training step held one.
 constexpr int64_t kDoubleBufferPanels = 3;
 
+// Column blocks per work item on AMX tiles (at most; amx_item_blocks). The tile kernel
+// multiplies each 32-row strip of A by all the item's blocks in turn: the strip comes from L3
+// once per item and from L2 for the other blocks, where an item of one block streams all of A
+// from L3 for every 64 columns of C. In a micro-benchmark (one thread, A of 1024-2048 rows
+// from L3, K = 1024 and 4096) items of 1, 2 and 4 blocks ran 840-926, 996-1151 and
+// 1042-1306 GFLOP/s; in the projector (same process, alternating) 2 blocks ran best: bf16
+// forward SigLIP 20.5 / 18.3 / 18.8 ms, InternVL 76.8 / 67.3 / 70.3, training step SigLIP
+// 82.3 / 74.4 / 74.8. With 4, the items that end a GEMM one tile each pack twice as much B.
+constexpr int64_t kAmxItemBlocks = 2;
+
+// Blocks per AMX work item for g: kAmxItemBlocks, halved while that leaves a panel fewer than
+// 4 items per thread (the threads would then wait longer for each other at the end).
+inline int64_t amx_item_blocks(const PackedGemm& g, int64_t threads) {
+  const int64_t nblocks = ceil_div(g.n, kPackCols);
+  int64_t blocks = kAmxItemBlocks;
+  while (blocks > 1 && ceil_div(nblocks, blocks) < 4 * threads) blocks /= 2;
+  return blocks;
+}
+
 // The shared state of one GEMM's work items (packed_gemm_bf16), made before the parallel region.
 // With AMX tiles the threads also pack each panel of A into tiles (into a_buffers buffers in
 // turn) as work items of their own, and count per panel the A tiles packed and the compute
@@ -155,9 +174,10 @@ inline GemmQueue::GemmQueue(const PackedGemm& g, bool amx_tiles)
 }  // namespace mmfast::cpu
 
 // Every one of the `threads` threads of a parallel region calls this. A thread takes a work
-// item (a panel of A's rows and a 64-column block of B; in the last panel, the last `threads`
-// blocks go one tile at a time) from the shared counter `queue->next`, packs the block into
-// the VNNI layout its tile kernel reads (K x 128 bytes, which then stays in its L2; the AMX
+// item (a panel of A's rows and a group of 64-column blocks of B, one block or on AMX tiles
+// amx_item_blocks; in the last panel, the last `threads` groups go one tile at a time) from the
+// shared counter `queue->next`, packs the blocks into the VNNI layout its tile kernel reads
+// (K x 128 bytes each, which then stay in its L2; the AMX
 // tiles' layout keeps each B tile in one piece: BlockLayout in packed_gemm.cpp) and computes
 // the item's tiles, until no item is left. Packing inside the GEMM
 // saves a pass over B through memory. With AMX tiles (queue->amx) a panel's items come after
