@@ -94,6 +94,7 @@ TILE_PATH_TESTS = [
     "tests/ops/test_projector.py::test_bfloat16_gemm_over_many_panels",
     "tests/ops/test_projector.py::test_bfloat16_packed_backward_gradients",
     "tests/ops/test_projector.py::test_bfloat16_packed_backward_over_panels",
+    "tests/ops/test_projector.py::test_bfloat16_weight_gradient_over_panels",
     "tests/ops/test_projector.py::test_bfloat16_packed_forward_over_panels",
     "tests/ops/test_projector.py::test_bfloat16_activation_tiles_zero_past_hidden",
     "tests/ops/test_projector.py::test_bfloat16_buffers_on_huge_pages",
@@ -191,6 +192,18 @@ def test_bfloat16_packed_backward_over_panels(hidden, w2_trained):
     w1, b1, w2, b2 = make_weights(40, hidden, 4096, device="cpu", dtype=dt, bias=True)
     args = [t.requires_grad_(r) for t, r in zip((x, w1, b1, w2, b2),
                                                  (True, True, True, w2_trained, True))]
+    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+
+
+def test_bfloat16_weight_gradient_over_panels():
+    """bfloat16, dw2 whose A (the activation transposed, 1000 x 4098 with the odd token count
+    padded) spans two 8 MiB panels: g is then packed once for both, into the storage grad_h^T
+    held (free after dw1), rather than per panel. 100 output columns end in a partial block;
+    the values are the reference's whatever that storage held."""
+    dt = torch.bfloat16
+    x = torch.randn(4097, 40, dtype=dt)
+    w1, b1, w2, b2 = make_weights(40, 1000, 100, device="cpu", dtype=dt, bias=True)
+    args = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
 
 
