@@ -177,10 +177,9 @@ inline GemmQueue::GemmQueue(const PackedGemm& g, bool amx_tiles)
 // item (a panel of A's rows and a group of 64-column blocks of B, one block or on AMX tiles
 // amx_item_blocks; in the last panel, the last `threads` groups go one tile at a time) from the
 // shared counter `queue->next`, packs the blocks into the VNNI layout its tile kernel reads
-// (K x 128 bytes each, which then stay in its L2; the AMX
-// tiles' layout keeps each B tile in one piece: BlockLayout in packed_gemm.cpp) and computes
-// the item's tiles, until no item is left. Packing inside the GEMM
-// saves a pass over B through memory. With AMX tiles (queue->amx) a panel's items come after
+// (K x 128 bytes each, which then stay in its L2; the AMX tiles' layout keeps each B tile in
+// one piece: BlockLayout in packed_gemm.cpp) and computes the item's tiles, until no item is
+// left. Packing inside the GEMM saves a pass over B through memory. With AMX tiles (queue->amx) a panel's items come after
 // one item per 256-row tile that packs A into AMX tiles; an item waits only for items taken
 // before it, so the threads cannot deadlock. Implemented in the AVX512 build only (the others
 // assert).

@@ -15,6 +15,11 @@
 namespace mmfast::cpu::CPU_CAPABILITY {
 
 #if defined(CPU_CAPABILITY_AVX512)
+// A mask of the first n (<= 32) 16-bit lanes.
+inline __mmask32 first_lanes(int64_t n) {
+  return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+}
+
 // Columns [0, 32) of the two rows interleaved: lo holds the pairs of columns [0, 16), hi those of
 // [16, 32) (one 64-byte line each). Columns from n (<= 32) on, and all of a null second row,
 // are read as zeros.
@@ -28,7 +33,7 @@ inline void interleave_32(const c10::BFloat16* first, const c10::BFloat16* secon
   alignas(64) static const uint16_t kHi[32] = {16, 48, 17, 49, 18, 50, 19, 51, 20, 52, 21,
                                                53, 22, 54, 23, 55, 24, 56, 25, 57, 26, 58,
                                                27, 59, 28, 60, 29, 61, 30, 62, 31, 63};
-  const __mmask32 mask = n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
+  const __mmask32 mask = first_lanes(n);
   const __m512i a = _mm512_maskz_loadu_epi16(mask, first);
   const __m512i b =
       second != nullptr ? _mm512_maskz_loadu_epi16(mask, second) : _mm512_setzero_si512();
@@ -42,16 +47,13 @@ inline void interleave_32(const c10::BFloat16* first, const c10::BFloat16* secon
 inline void interleave_pair(const c10::BFloat16* first, const c10::BFloat16* second,
                             int64_t cols, int64_t width, c10::BFloat16* d) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const auto first_bits = [](int64_t n) {  // a mask of the first n (<= 32) lanes
-    return n >= 32 ? ~__mmask32(0) : (__mmask32(1) << n) - 1;
-  };
   for (int64_t j0 = 0; j0 < width; j0 += 32) {
     __m512i lo, hi;
     interleave_32(first + j0, second != nullptr ? second + j0 : nullptr,
                   std::clamp<int64_t>(cols - j0, 0, 32), lo, hi);
     const int64_t out = std::min<int64_t>(32, width - j0);  // pairs written from this step
-    _mm512_mask_storeu_epi16(d + 2 * j0, first_bits(2 * std::min<int64_t>(out, 16)), lo);
-    if (out > 16) _mm512_mask_storeu_epi16(d + 2 * j0 + 32, first_bits(2 * (out - 16)), hi);
+    _mm512_mask_storeu_epi16(d + 2 * j0, first_lanes(2 * std::min<int64_t>(out, 16)), lo);
+    if (out > 16) _mm512_mask_storeu_epi16(d + 2 * j0 + 32, first_lanes(2 * (out - 16)), hi);
   }
 #else
   for (int64_t j = 0; j < width; ++j) {
