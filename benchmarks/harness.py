@@ -12,6 +12,8 @@ the same fresh random inputs, in interleaved rounds:
   * CPU time: torch.utils.benchmark's blocked_autorange per round; median and 20/80 quantiles
     of all samples (warm-up excluded).
   * GPU time: triton.testing.do_bench per round, likewise.
+  * GEMM peak (ops with a FLOP count): a square GEMM of the dtype timed in the same rounds,
+    whose rate the op's GFLOP/s is given as a percentage of.
   * Peak memory: CPU, the process's peak RSS above its level just before the call (the peak is
     reset through /proc/self/clear_refs; for this call glibc is told to return every large
     block to the OS, so freed memory of earlier runs cannot hide an allocation; timing runs
@@ -29,6 +31,7 @@ the same fresh random inputs, in interleaved rounds:
 import ctypes
 import gc
 import os
+import statistics
 import sys
 import threading
 import time
@@ -104,6 +107,9 @@ class Measurement:
     peak_mib: float | None = None
     live_mib: float | None = None
     saved_mib: float | None = None
+    # The GEMM peak (GFLOP/s) timed in the same interleaved rounds as this measurement, the
+    # ceiling its GFLOP/s is compared with (gemm_peak_gflops); None for ops without a FLOP count.
+    gemm_peak_gflops: float | None = None
     error: str | None = None
     extra: dict = field(default_factory=dict)
 
@@ -280,6 +286,10 @@ def _cpu_samples(fn: Callable[[], Any], budget_s: float) -> list[float]:
     return [t * 1e3 for t in timer.blocked_autorange(min_run_time=budget_s).times]
 
 
+def _samples(fn: Callable[[], Any], device: torch.device, budget_s: float) -> list[float]:
+    return (_gpu_samples if device.type == "cuda" else _cpu_samples)(fn, budget_s)
+
+
 def _gpu_samples(fn: Callable[[], Any], budget_s: float) -> list[float]:
     import triton.testing
 
@@ -384,6 +394,11 @@ def measure_group(op: str, case: Case, providers: list[Provider], dtype: str, mo
             r.run()  # warm-up (and compilation), excluded
         except Exception as e:  # a provider that fails is reported in the table, not fatal
             _fail(r, e)
+    # A GEMM-bound op's rate is compared with the machine's GEMM peak timed in the same rounds:
+    # on a shared CPU the rate drifts by up to 2x within minutes, and a peak measured once at
+    # the start of a run would compare a slow phase's op with a fast phase's peak.
+    peak = _peak_gemm(device, dtype, quick) if case.flops else None
+    peak_samples = []
     rounds, budget = (3, 0.05) if quick else (7, 0.15)
     for _ in range(rounds):
         for r in runners:
@@ -392,17 +407,21 @@ def measure_group(op: str, case: Case, providers: list[Provider], dtype: str, mo
             try:
                 if mode == "backward":
                     r.samples += _backward_samples(r.prepare, r.run, device, budget)
-                elif device.type == "cuda":
-                    r.samples += _gpu_samples(r.run, budget)
                 else:
-                    r.samples += _cpu_samples(r.run, budget)
+                    r.samples += _samples(r.run, device, budget)
             except Exception as e:
                 _fail(r, e)
+        if peak is not None:
+            peak_samples += _samples(peak.run, device, budget)
+    peak_gflops = (peak.flops / (statistics.median(peak_samples) * 1e-3) / 1e9
+                   if peak_samples else None)
     for r in runners:
         if r.run is None:
             continue
         try:
             _finish(r, case, inputs, dtype, mode, device)
+            if r.m.gflops is not None:
+                r.m.gemm_peak_gflops = peak_gflops
         except Exception as e:
             _fail(r, e)
     return [r.m for r in runners]
@@ -432,29 +451,43 @@ def _finish(r: _Runner, case: Case, inputs: dict, dtype: str, mode: str, device)
         m.implementation = r.provider.implementation()
 
 
-_GEMM_PEAK: dict = {}
+@dataclass
+class _PeakGemm:
+    gflops: float                 # measured when first asked for
+    run: Callable[[], Any]        # the faster of the square GEMMs below
+    flops: float
 
 
-def gemm_peak_gflops(device: torch.device, dtype: str, quick: bool = False) -> float:
-    """This machine's measured GEMM rate for a dtype, the ceiling the GEMM-bound ops are compared
-    with: a large square torch.mm, and on CPU also oneDNN's linear where torch has it (in
-    float32 torch.mm calls MKL, which some CPUs run well below oneDNN); the faster of the two."""
+_PEAK_GEMMS: dict = {}
+
+
+def _peak_gemm(device: torch.device, dtype: str, quick: bool) -> _PeakGemm:
     key = (device.type, dtype)
-    if key not in _GEMM_PEAK:
+    if key not in _PEAK_GEMMS:
         n = 4096 if device.type == "cuda" else (1024 if quick else 2048)
         a = torch.randn(n, n, device=device, dtype=DTYPE_NAMES[dtype])
         b = torch.randn(n, n, device=device, dtype=DTYPE_NAMES[dtype])
         runs = [lambda: torch.mm(a, b)]
         if device.type == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
             runs.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
-        rates = []
+        best = None
         for run in runs:
             run()
-            samples = (_gpu_samples if device.type == "cuda" else _cpu_samples)(run, 0.3 if quick else 1.0)
-            ms = sorted(samples)[len(samples) // 2]
-            rates.append(2 * n**3 / (ms * 1e-3) / 1e9)
-        _GEMM_PEAK[key] = max(rates)
-    return _GEMM_PEAK[key]
+            ms = statistics.median(_samples(run, device, 0.3 if quick else 1.0))
+            rate = 2 * n**3 / (ms * 1e-3) / 1e9
+            if best is None or rate > best.gflops:
+                best = _PeakGemm(rate, run, 2 * n**3)
+        _PEAK_GEMMS[key] = best
+    return _PEAK_GEMMS[key]
+
+
+def gemm_peak_gflops(device: torch.device, dtype: str, quick: bool = False) -> float:
+    """This machine's measured GEMM rate for a dtype, the ceiling the GEMM-bound ops are compared
+    with: a large square torch.mm, and on CPU also oneDNN's linear where torch has it (in
+    float32 torch.mm calls MKL, which some CPUs run well below oneDNN); the faster of the two.
+    This is the rate at the start of a run; measure_group times that GEMM again in each
+    group's rounds (Measurement.gemm_peak_gflops), since a shared machine's rate drifts."""
+    return _peak_gemm(device, dtype, quick).gflops
 
 
 def mmfast_implementation(op: str, device: torch.device) -> Callable[[], str]:
