@@ -65,7 +65,7 @@ MMFAST_BF16_TARGET inline void store_bf16(BF16* p, int64_t n, const fVec& lo, co
   if (n == kChunk) {
     _mm512_storeu_si512(p, v);
   } else {
-    _mm512_mask_storeu_epi16(p, static_cast<__mmask32>((uint64_t(1) << n) - 1), v);
+    _mm512_mask_storeu_epi16(p, first_lanes(n), v);
   }
 }
 
@@ -201,8 +201,7 @@ MMFAST_BF16_TARGET void bias_gelu_tiles(const PackedGemm& g, const Tile& t, cons
         load_biased(g, t, acc, i, c, n, lo, hi);
         round_bf16(lo, hi);
         if (pre != nullptr) store_bf16(pre + c, n, lo, hi);
-        v = _mm512_maskz_mov_epi16(static_cast<__mmask32>((uint64_t(1) << n) - 1),
-                                   to_bf16(gelu(lo), gelu(hi)));
+        v = _mm512_maskz_mov_epi16(first_lanes(n), to_bf16(gelu(lo), gelu(hi)));
       }
       _mm512_storeu_si512(tile_row + (t.n0 + c) / kAmxTileDepth * kTile, v);
     }
@@ -310,7 +309,7 @@ void pack_a_tiles(const BF16* a, int64_t lda, int64_t rows, int64_t k, int64_t s
     BF16* row = dst + (r / kAmxTileRows) * steps * kTile + (r % kAmxTileRows) * kAmxTileDepth;
     for (int64_t q = 0; q < steps; ++q) {
       const int64_t n = r < rows ? std::min(kAmxTileDepth, k - q * kAmxTileDepth) : 0;
-      const __mmask32 mask = static_cast<__mmask32>((uint64_t(1) << n) - 1);
+      const __mmask32 mask = first_lanes(n);
       _mm512_storeu_si512(row + q * kTile,
                           _mm512_maskz_loadu_epi16(mask, a + r * lda + q * kAmxTileDepth));
     }
