@@ -19,7 +19,8 @@ constexpr int64_t kHugePageMinBytes = int64_t(8) << 20;
 
 // at::empty(sizes, options) for a CPU tensor, from kHugePageMinBytes on in 2 MiB-aligned memory
 // advised MADV_HUGEPAGE (a hint: where transparent huge pages are off, pages stay 4 KiB). The
-// storage cannot be resized: for buffers a kernel fills itself, not for the ops' outputs.
+// storage cannot be resized: for buffers a kernel fills itself and for outputs only autograd
+// keeps (the projector's pre-activation h), not for what an op hands its caller.
 at::Tensor empty_huge_paged(at::IntArrayRef sizes, const at::TensorOptions& options);
 
 }  // namespace mmfast::cpu
