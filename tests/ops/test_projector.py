@@ -207,6 +207,17 @@ def test_bfloat16_weight_gradient_over_panels():
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
 
 
+def test_bfloat16_first_weight_gradient_over_three_panels():
+    """bfloat16, dw1 whose A (grad_h transposed, 1600 x 4098 with the odd token count padded)
+    spans three 8 MiB panels: on AMX tiles x is then packed once for all of them rather than
+    per panel. 40 input features are one partial column block."""
+    dt = torch.bfloat16
+    x = torch.randn(4097, 40, dtype=dt)
+    w1, b1, w2, b2 = make_weights(40, 1600, 72, device="cpu", dtype=dt, bias=True)
+    args = [x] + [t.requires_grad_() for t in (w1, b1, w2, b2)]
+    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+
+
 @pytest.mark.skipif(not _tiles_can_run(), reason="no avx512_bf16 in the active build")
 def test_bfloat16_buffers_on_huge_pages():
     """Buffers of 8 MiB and more come from huge pages (cpu/huge_pages.h): at hidden 2048 the
