@@ -180,6 +180,16 @@ def test_bfloat16_packed_backward_gradients(trained):
     compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
 
 
+def _compare_bfloat16(tokens, hidden, out_features, trained=(True,) * 5):
+    """bfloat16 projector of `tokens` x 40 features against the reference, forward and the
+    gradients of the inputs (x, w1, b1, w2, b2) that `trained` marks."""
+    dt = torch.bfloat16
+    x = torch.randn(tokens, 40, dtype=dt)
+    weights = make_weights(40, hidden, out_features, device="cpu", dtype=dt, bias=True)
+    args = [t.requires_grad_(r) for t, r in zip((x, *weights), trained)]
+    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+
+
 @pytest.mark.parametrize("hidden,w2_trained", [(128, True), (100, True), (128, False)])
 def test_bfloat16_packed_backward_over_panels(hidden, w2_trained):
     """bfloat16, grad_out over 8 MiB (1100 x 4096: two panels of its rows in the g w2 GEMM,
@@ -187,12 +197,7 @@ def test_bfloat16_packed_backward_over_panels(hidden, w2_trained):
     panels' A tiles share one buffer (the packing of panel 1 waits until panel 0's items are
     done), and dw2 reads the activation packed from h; hidden 100 ends in a partial group of 16
     units."""
-    dt = torch.bfloat16
-    x = torch.randn(1100, 40, dtype=dt)
-    w1, b1, w2, b2 = make_weights(40, hidden, 4096, device="cpu", dtype=dt, bias=True)
-    args = [t.requires_grad_(r) for t, r in zip((x, w1, b1, w2, b2),
-                                                 (True, True, True, w2_trained, True))]
-    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+    _compare_bfloat16(1100, hidden, 4096, trained=(True, True, True, w2_trained, True))
 
 
 def test_bfloat16_weight_gradient_over_panels():
@@ -200,22 +205,14 @@ def test_bfloat16_weight_gradient_over_panels():
     padded) spans two 8 MiB panels: g is then packed once for both, into the storage grad_h^T
     held (free after dw1), rather than per panel. 100 output columns end in a partial block;
     the values are the reference's whatever that storage held."""
-    dt = torch.bfloat16
-    x = torch.randn(4097, 40, dtype=dt)
-    w1, b1, w2, b2 = make_weights(40, 1000, 100, device="cpu", dtype=dt, bias=True)
-    args = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
-    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+    _compare_bfloat16(4097, 1000, 100)
 
 
 def test_bfloat16_first_weight_gradient_over_three_panels():
     """bfloat16, dw1 whose A (grad_h transposed, 1600 x 4098 with the odd token count padded)
     spans three 8 MiB panels: on AMX tiles x is then packed once for all of them rather than
     per panel. 40 input features are one partial column block."""
-    dt = torch.bfloat16
-    x = torch.randn(4097, 40, dtype=dt)
-    w1, b1, w2, b2 = make_weights(40, 1600, 72, device="cpu", dtype=dt, bias=True)
-    args = [x] + [t.requires_grad_() for t in (w1, b1, w2, b2)]
-    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+    _compare_bfloat16(4097, 1600, 72, trained=(False, True, True, True, True))
 
 
 @pytest.mark.skipif(not _tiles_can_run(), reason="no avx512_bf16 in the active build")
@@ -224,11 +221,7 @@ def test_bfloat16_buffers_on_huge_pages():
     forward's activation panel (2048 rows) and the backward's grad_h^T (and act^T on the
     vdpbf16ps tiles; 2048 x 2050, odd token count padded) are that large. Their values are the
     reference's."""
-    dt = torch.bfloat16
-    x = torch.randn(2049, 40, dtype=dt)
-    w1, b1, w2, b2 = make_weights(40, 2048, 72, device="cpu", dtype=dt, bias=True)
-    args = [t.requires_grad_() for t in (x, w1, b1, w2, b2)]
-    compare_fwd_bwd(ops.projector, reference.projector, (*args, "none"), dt)
+    _compare_bfloat16(2049, 2048, 72)
 
 
 def test_bfloat16_activation_tiles_zero_past_hidden():
