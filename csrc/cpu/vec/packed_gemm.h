@@ -179,10 +179,10 @@ inline GemmQueue::GemmQueue(const PackedGemm& g, bool amx_tiles)
 // shared counter `queue->next`, packs the blocks into the VNNI layout its tile kernel reads
 // (K x 128 bytes each, which then stay in its L2; the AMX tiles' layout keeps each B tile in
 // one piece: BlockLayout in packed_gemm.cpp) and computes the item's tiles, until no item is
-// left. Packing inside the GEMM saves a pass over B through memory. With AMX tiles (queue->amx) a panel's items come after
-// one item per 256-row tile that packs A into AMX tiles; an item waits only for items taken
-// before it, so the threads cannot deadlock. Implemented in the AVX512 build only (the others
-// assert).
+// left. Packing inside the GEMM saves a pass over B through memory. With AMX tiles
+// (queue->amx) a panel's items come after one item per 256-row tile that packs A into AMX
+// tiles; an item waits only for items taken before it, so the threads cannot deadlock.
+// Implemented in the AVX512 build only (the others assert).
 MMFAST_DECLARE_ISA_KERNEL(
     void packed_gemm_bf16(const ::mmfast::cpu::PackedGemm& g, ::mmfast::cpu::GemmQueue* queue,
                           int64_t threads))
