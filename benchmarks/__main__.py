@@ -186,8 +186,10 @@ def main(argv=None):
               f"{', ' + info['gpu'] if 'gpu' in info else ''}), torch {info['torch']}, "
               f"commit {info['git_commit']}, CPU build {info.get('mmfast_cpu_isa', '?')}, "
               f"CPU projector GEMMs: bfloat16 {info.get('mmfast_cpu_bf16_gemm', '?')}, "
+              f"float16 {info.get('mmfast_cpu_f16_gemm', '?')}, "
               f"float32 {info.get('mmfast_cpu_f32_gemm', '?')}; CPU cross_attention bfloat16 "
-              f"forward: {info.get('mmfast_cpu_xattn_bf16', '?')}\n"
+              f"forward: {info.get('mmfast_cpu_xattn_bf16', '?')}; CPU bipartite_merge first "
+              f"pass: {info.get('mmfast_cpu_merge_gemm', '?')}\n"
               "GEMM peak measured here at the start (each row's % is of the peak timed in its own "
               "rounds): " + ", ".join(
                   f"{dt} {v:.0f} GFLOP/s" for (_, dt), v in sorted(peaks.items())))

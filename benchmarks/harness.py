@@ -368,6 +368,11 @@ def _fail(runner: _Runner, e: Exception) -> None:
     runner.run = None
 
 
+# Rounds of a group: at least this many, and no new one after _GROUP_SECONDS.
+_MIN_ROUNDS = 3
+_GROUP_SECONDS = 60.0
+
+
 def measure_group(op: str, case: Case, providers: list[Provider], dtype: str, mode: str,
                   device: torch.device, quick: bool = False) -> list[Measurement]:
     """Measure every provider on one (case, dtype, mode), on the same inputs.
@@ -400,7 +405,13 @@ def measure_group(op: str, case: Case, providers: list[Provider], dtype: str, mo
     peak = _peak_gemm(device, dtype, quick) if case.flops else None
     peak_samples = []
     rounds, budget = (3, 0.05) if quick else (7, 0.15)
-    for _ in range(rounds):
+    start = time.perf_counter()
+    for done in range(rounds):
+        # Providers that take many seconds a call (bfloat16 eager on a CPU whose ATen GEMM in
+        # that dtype is a scalar loop: ~50 s for SigLIP's training step on a Zen 3) end the
+        # group after its minimum of rounds once it has run for a while.
+        if done >= _MIN_ROUNDS and time.perf_counter() - start > _GROUP_SECONDS:
+            break
         for r in runners:
             if r.run is None:
                 continue
@@ -470,9 +481,16 @@ def _peak_gemm(device: torch.device, dtype: str, quick: bool) -> _PeakGemm:
         runs = [lambda: torch.mm(a, b)]
         if device.type == "cpu" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
             runs.append(lambda: torch.ops.mkldnn._linear_pointwise(a, b, None, "none", [], ""))
+        if device.type == "cpu" and dtype in ("bfloat16", "float16"):
+            # where ATen's GEMM in this dtype is a scalar loop (no oneDNN kernels for it), the
+            # fastest way to multiply these matrices is in float32: widened, multiplied, rounded
+            runs.append(lambda: torch.mm(a.float(), b.float()).to(a.dtype))
         best = None
         for run in runs:
-            run()
+            try:
+                run()
+            except RuntimeError:  # oneDNN has no kernel in this dtype here (bf16 without AVX-512)
+                continue
             ms = statistics.median(_samples(run, device, 0.3 if quick else 1.0))
             rate = 2 * n**3 / (ms * 1e-3) / 1e9
             if best is None or rate > best.gflops:
@@ -484,7 +502,9 @@ def _peak_gemm(device: torch.device, dtype: str, quick: bool) -> _PeakGemm:
 def gemm_peak_gflops(device: torch.device, dtype: str, quick: bool = False) -> float:
     """This machine's measured GEMM rate for a dtype, the ceiling the GEMM-bound ops are compared
     with: a large square torch.mm, and on CPU also oneDNN's linear where torch has it (in
-    float32 torch.mm calls MKL, which some CPUs run well below oneDNN); the faster of the two.
+    float32 torch.mm calls MKL, which some CPUs run well below oneDNN) and, in bfloat16 and
+    float16, a float32 torch.mm on widened operands (CPUs without kernels in those dtypes);
+    the fastest.
     This is the rate at the start of a run; measure_group times that GEMM again in each
     group's rounds (Measurement.gemm_peak_gflops), since a shared machine's rate drifts."""
     return _peak_gemm(device, dtype, quick).gflops
@@ -525,8 +545,10 @@ def machine_info(device: torch.device) -> dict:
         import mmfast
         info["mmfast_cpu_isa"] = mmfast.cpu_isa()
         info["mmfast_cpu_bf16_gemm"] = mmfast.cpu_bf16_gemm()
+        info["mmfast_cpu_f16_gemm"] = mmfast.cpu_f16_gemm()
         info["mmfast_cpu_f32_gemm"] = mmfast.cpu_f32_gemm()
         info["mmfast_cpu_xattn_bf16"] = mmfast.cpu_xattn_bf16()
+        info["mmfast_cpu_merge_gemm"] = mmfast.cpu_merge_gemm()
     except ImportError:
         pass
     try:

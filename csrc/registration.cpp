@@ -17,8 +17,10 @@ namespace {
 std::string cpu_isa() { return mmfast::cpu::isa_name(mmfast::cpu::active_isa()); }
 
 std::string cpu_bf16_gemm() { return mmfast::cpu::bf16_gemm_path(); }
+std::string cpu_f16_gemm() { return mmfast::cpu::f16_gemm_path(); }
 std::string cpu_f32_gemm() { return mmfast::cpu::f32_gemm_path(); }
 std::string cpu_xattn_bf16() { return mmfast::cpu::xattn_bf16_path(); }
+std::string cpu_merge_gemm() { return mmfast::cpu::merge_gemm_path(); }
 
 bool cpu_bf16_tile_gemm() { return mmfast::cpu::bf16_tile_gemm(); }
 
@@ -37,8 +39,10 @@ TORCH_LIBRARY(mmfast, m) {
   // CPU, whether CUDA C++ kernels were compiled.
   m.def("_cpu_isa() -> str", &cpu_isa);
   m.def("_cpu_bf16_gemm() -> str", &cpu_bf16_gemm);
+  m.def("_cpu_f16_gemm() -> str", &cpu_f16_gemm);
   m.def("_cpu_f32_gemm() -> str", &cpu_f32_gemm);
   m.def("_cpu_xattn_bf16() -> str", &cpu_xattn_bf16);
+  m.def("_cpu_merge_gemm() -> str", &cpu_merge_gemm);
   m.def("_cpu_bf16_tile_gemm() -> bool", &cpu_bf16_tile_gemm);
   m.def("_has_cuda_kernels() -> bool", &has_cuda_kernels);
 

@@ -22,10 +22,19 @@ def cpu_isa() -> str:
 
 def cpu_bf16_gemm() -> str:
     """What runs the projector's bfloat16 GEMMs on CPU: mmfast's AMX tiles (CPUs with
-    AMX-BF16), its vdpbf16ps tiles (avx512_bf16 without AMX), or ATen (CPUs or builds without
-    avx512_bf16). The environment variable MMFAST_CPU_BF16_GEMM (auto, amx, tiles, aten; read
-    once) overrides that rule where the kernel can run, for tests and measurements."""
+    AMX-BF16), its vdpbf16ps tiles (avx512_bf16 without AMX), ATen (other AVX-512 CPUs, or
+    builds without avx512_bf16), or float32 GEMMs on widened operands (CPUs without AVX-512,
+    where ATen's bfloat16 GEMMs are scalar loops). The environment variable
+    MMFAST_CPU_BF16_GEMM (auto, amx, tiles, aten, widen; read once) overrides that rule where
+    the kernel can run, for tests and measurements."""
     return torch.ops.mmfast._cpu_bf16_gemm()
+
+
+def cpu_f16_gemm() -> str:
+    """What runs the projector's float16 GEMMs on CPU: ATen (CPUs with avx512_fp16, where
+    oneDNN has float16 kernels) or float32 GEMMs on widened operands (the others, where
+    ATen's float16 GEMMs are scalar loops)."""
+    return torch.ops.mmfast._cpu_f16_gemm()
 
 
 def cpu_f32_gemm() -> str:
@@ -42,6 +51,14 @@ def cpu_xattn_bf16() -> str:
     return torch.ops.mmfast._cpu_xattn_bf16()
 
 
+def cpu_merge_gemm() -> str:
+    """What runs bipartite_merge's approximate first-pass GEMM on CPU: int8 brgemm (AVX512
+    build on a CPU with VNNI), bfloat16 brgemm (other AVX-512 CPUs), or float32 brgemm (CPUs
+    without AVX-512, where ATen has no bfloat16 one). MMFAST_CPU_MERGE_GEMM (auto, int8, bf16,
+    f32; read once) overrides where the kernel can run."""
+    return torch.ops.mmfast._cpu_merge_gemm()
+
+
 __all__ = ["ops", "reference", "backend", "last_choice", "cpu_isa", "cpu_bf16_gemm",
-           "cpu_f32_gemm", "cpu_xattn_bf16"]
+           "cpu_f16_gemm", "cpu_f32_gemm", "cpu_xattn_bf16", "cpu_merge_gemm"]
 __version__ = "0.1.0"

@@ -102,6 +102,15 @@ def assert_attention_close(ours: torch.Tensor, torch_same_dtype: torch.Tensor,
         f"{name}: error {ours_err:.3g} > 2 * torch's {torch_err:.3g} + {floor:g}")
 
 
+def cpu_has_avx512() -> bool:
+    """oneDNN's avx512_core (F, CD, BW, VL, DQ): what its bfloat16 kernels, and so ATen's
+    bfloat16 GEMMs and brgemm, need; without it ATen's bfloat16 GEMMs are scalar loops and its
+    bfloat16 brgemm raises an error."""
+    caps = torch.cpu.get_capabilities()
+    return all(caps.get(f, False) for f in ("avx512_f", "avx512_cd", "avx512_bw", "avx512_vl",
+                                            "avx512_dq"))
+
+
 def run_pytest(tests: list, **env) -> subprocess.CompletedProcess:
     """pytest on `tests` in a fresh process with the environment variables `env` set (the
     kernel-path overrides are read once per process), from the repository root."""

@@ -1,4 +1,5 @@
-"""The benchmark harness times the GEMM peak in each group's own rounds (benchmarks/harness.py)."""
+"""The benchmark harness times the GEMM peak in each group's own rounds, and bounds a slow group's
+rounds (benchmarks/harness.py)."""
 
 import torch
 
@@ -29,3 +30,19 @@ def test_a_case_without_flops_gets_no_peak():
     (m,) = harness.measure_group("mm", _case(0.0), [_provider()], "float32", "forward",
                                  torch.device("cpu"), quick=True)
     assert m.gflops is None and m.gemm_peak_gflops is None
+
+
+def _rounds(monkeypatch, group_seconds: float) -> int:
+    calls = []
+    monkeypatch.setattr(harness, "_samples", lambda fn, device, budget: calls.append(fn) or [1.0])
+    monkeypatch.setattr(harness, "_GROUP_SECONDS", group_seconds)
+    harness.measure_group("mm", _case(0.0), [_provider()], "float32", "forward",
+                          torch.device("cpu"), quick=False)
+    return len(calls)
+
+
+def test_a_slow_group_stops_after_its_minimum_of_rounds(monkeypatch):
+    """Seven interleaved rounds, unless the group has run past _GROUP_SECONDS: then none after
+    the third (providers of many seconds a call)."""
+    assert _rounds(monkeypatch, 1e9) == 7
+    assert _rounds(monkeypatch, 0.0) == harness._MIN_ROUNDS == 3

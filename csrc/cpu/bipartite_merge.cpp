@@ -2,7 +2,7 @@
 // soft matching + size-weighted merge).
 //
 // Forward, per sample: (1) inverse L2 norms of the metric rows (non-finite rows are an error);
-// (2) for tiles of up to kTileA A tokens, int8 (or bfloat16) brgemm calls score a panel of
+// (2) for tiles of up to kTileA A tokens, int8, bfloat16 or float32 brgemm calls score a panel of
 // B tokens at a time against the tile, each panel is scanned while in cache for the B tokens
 // near each A token's maximum, and those are re-scored exactly in float32 (see best_matches):
 // the A x B matrix never exists; (3) the r
@@ -12,6 +12,7 @@
 //
 // Norms scale the dot products afterwards, so the choice of merged tokens differs from an
 // exact (float64) computation only by the float32 rounding of one dot product per pair.
+#include <ATen/Context.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/Utils.h>
@@ -71,24 +72,35 @@ int64_t balanced_block(int64_t bsz, int64_t rows, int64_t max_rows, int64_t mult
   return std::max<int64_t>(1, block_for(fewest));
 }
 
-// The approximate GEMM that scores every pair before the exact re-score of near-best pairs.
-// int8: products are exact integers and VNNI runs them at twice the bfloat16 rate, and four
-// times float32. Without VNNI, oneDNN's u8 x s8 kernels may saturate 16-bit partial sums, so
-// bfloat16 is used there (and in the AVX2/generic builds, which lets the tests run both).
-enum class FirstPass { kInt8, kBFloat16 };
+// The approximate GEMM that scores every pair before the exact re-score of near-best pairs
+// (merge_gemm in isa.h picks it per CPU). int8: products are exact integers and VNNI runs them
+// at twice the bfloat16 rate, and four times float32. Without VNNI, oneDNN's u8 x s8 kernels
+// may saturate 16-bit partial sums, so bfloat16 is used there (and in the AVX2/generic builds
+// on an AVX-512 CPU, which lets the tests run both). Without AVX-512 ATen has no bfloat16
+// brgemm on VNNI-packed operands (it raises an error), and its float32 one runs: the metric is
+// read as float32 (widened once when it is not), with nothing rounded.
+enum class FirstPass { kInt8, kBFloat16, kFloat32 };
 
 // Up to 65536 columns, the int32 sums of u8 x s8 products (|each| <= 255 * 127) cannot
-// overflow.
+// overflow. ATen's bfloat16 brgemm also needs oneDNN enabled (torch.backends.mkldnn), which a
+// user can switch off at any time.
 FirstPass first_pass(int64_t columns) {
-  return active_isa() == Isa::AVX512 && at::cpu::is_avx512_vnni_supported() &&
-                 columns <= 65536
-             ? FirstPass::kInt8
-             : FirstPass::kBFloat16;
+  const MergeGemm choice = merge_gemm();
+  if (choice == MergeGemm::kInt8 && columns <= 65536) return FirstPass::kInt8;
+  if (choice != MergeGemm::kFloat32 && bf16_brgemm_runs() &&
+      at::globalContext().userEnabledMkldnn()) {
+    return FirstPass::kBFloat16;
+  }
+  return FirstPass::kFloat32;
 }
 
-// The bfloat16 GEMM reads a bfloat16 metric in place (B rows as they are, A rows as 32-bit
-// pairs transposed into the VNNI layout) when its rows are whole, aligned pairs.
+// The GEMM reads the metric in place (B rows as they are, A rows as 32-bit words transposed:
+// bfloat16 pairs into the VNNI layout, or float32 values) when its rows are whole words of the
+// pass's type: a float32 metric for the float32 pass, for bfloat16 whole, aligned pairs.
 bool needs_copy(const at::Tensor& metric, FirstPass pass) {
+  if (pass == FirstPass::kFloat32) {
+    return metric.scalar_type() != at::kFloat || metric.stride(2) != 1;
+  }
   return pass == FirstPass::kInt8 || metric.scalar_type() != at::kBFloat16 ||
          metric.size(2) % 2 != 0 || metric.stride(2) != 1 || metric.stride(1) % 2 != 0 ||
          reinterpret_cast<uintptr_t>(metric.const_data_ptr()) % 4 != 0;
@@ -105,6 +117,7 @@ bool needs_copy(const at::Tensor& metric, FirstPass pass) {
 struct PreparedMetric {
   bool copy = false;    // the GEMM reads rounded rows, not the metric itself
   bool int8 = false;
+  bool f32 = false;     // float32 GEMM on the metric in place (never a copy)
   int64_t k = 0;        // K'
   int64_t op_size = 0;  // bytes per GEMM operand element
   at::Tensor inv_norm;  // [B, N] float32
@@ -198,8 +211,10 @@ PreparedMetric prepare_metric(const at::Tensor& metric, FirstPass pass, bool gem
   PreparedMetric out;
   out.copy = gemm && needs_copy(metric, pass);
   out.int8 = out.copy && pass == FirstPass::kInt8;
-  out.k = out.int8 ? (cm + 3) / 4 * 4 : cm + cm % 2;
-  out.op_size = out.int8 ? 1 : 2;
+  out.f32 = gemm && pass == FirstPass::kFloat32;
+  TORCH_INTERNAL_ASSERT(!(out.f32 && out.copy), "the float32 pass reads a widened metric");
+  out.k = out.int8 ? (cm + 3) / 4 * 4 : out.f32 ? cm : cm + cm % 2;
+  out.op_size = out.int8 ? 1 : out.f32 ? 4 : 2;
   out.inv_norm = at::empty({bsz, n}, opts.dtype(at::kFloat));
   out.rho = at::zeros({bsz, n}, opts.dtype(at::kFloat));
   if (out.copy) {
@@ -268,7 +283,7 @@ struct RowScan {
 //
 // Per tile of A tokens, approximate GEMM calls score a panel of kPanelRows B tokens at a time
 // against the tile's A tokens, the panel's columns (the A x B matrix never exists): s~_j, in
-// units u of the cosine; bfloat16, s~_j = (a . b_j)~ / |b_j| and u = 1 / |a|; int8,
+// units u of the cosine; bfloat16 or float32, s~_j = (a . b_j)~ / |b_j| and u = 1 / |a|; int8,
 // s~_j = q_a . q_b_j * step_b_j / |b_j| and u = step_a / |a|. An exact score (a float32 dot
 // of the metric rows as given) is within e(rho_b) = alpha + beta rho_b of s~_j u. While the
 // panel is in cache, it is scanned in B-token order (scan_*_rows): each column keeps its
@@ -407,6 +422,14 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
             scan_int(panel.get(), kTileA, panel_rows,
                      scale_b_all.const_data_ptr<float>() + b * nb + j0, slack + j0,
                      static_cast<int32_t>(j0), j0 == 0, state);
+          } else if (prep.f32) {
+            at::native::cpublas::brgemm(
+                panel_rows, m, prep.k, ld_b, kTileA, kTileA, false,
+                reinterpret_cast<const float*>(b_panel),
+                reinterpret_cast<const float*>(a_vnni.get()),
+                reinterpret_cast<float*>(panel.get()), false);
+            scan_float(reinterpret_cast<const float*>(panel.get()), kTileA, panel_rows,
+                       inv_b + j0, slack + j0, static_cast<int32_t>(j0), j0 == 0, state);
           } else {
             at::native::cpublas::brgemm(
                 panel_rows, m, prep.k, ld_b, kTileA, kTileA, false,
@@ -489,7 +512,7 @@ void best_matches(const at::Tensor& metric, PreparedMetric& prep, float* node_ma
           node_idx[b * na + i0 + i] = row.arg;
         }
       }
-      at::native::cpublas::brgemm_release(true);
+      at::native::cpublas::brgemm_release(!prep.f32);
     });
   }
   if (protect_first) {
@@ -503,14 +526,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> bipartite_merge_cpu(
   check_bipartite_merge_args(x, metric_in, r, size, protect_first);
   const int64_t bsz = x.size(0), n = x.size(1), c = x.size(2);
   const int64_t na = (n + 1) / 2, m_out = n - r;
-  const auto metric = metric_in.stride(2) == 1 ? metric_in : metric_in.contiguous();
+  const int64_t cm = metric_in.size(2);
+  const bool gemm = r > 0 && n > 1 && cm > 0;
+  const FirstPass pass = first_pass(cm);
+  // The float32 pass reads a float32 metric: any other is widened once (exactly), so that its
+  // GEMM and its exact re-scores read the same values in place.
+  const auto metric = gemm && pass == FirstPass::kFloat32 && needs_copy(metric_in, pass)
+                          ? metric_in.to(at::kFloat).contiguous()
+                      : metric_in.stride(2) == 1 ? metric_in
+                                                 : metric_in.contiguous();
   const auto xc = x.stride(2) == 1 ? x : x.contiguous();
   const auto sizes = size.has_value() ? size->to(at::kFloat).contiguous() : at::Tensor();
 
   // (1) + (2): the best B match of every A token. Non-finite metric rows are an error even
   // when r == 0, so that the op's contract does not depend on r.
-  const int64_t cm = metric.size(2);
-  auto prep = prepare_metric(metric, first_pass(cm), r > 0 && n > 1 && cm > 0);
+  auto prep = prepare_metric(metric, pass, gemm);
   std::vector<float> node_max(bsz * na);
   std::vector<int64_t> node_idx(bsz * na);
   if (r > 0) best_matches(metric, prep, node_max.data(), node_idx.data(), protect_first);

@@ -74,6 +74,12 @@ std::string path_override(const char* variable, std::initializer_list<const char
   return want;
 }
 
+// A CPU flag as cpuinfo reports it (ATen's view of the CPU).
+bool cpu_flag(const std::unordered_map<std::string, c10::IValue>& caps, const char* name) {
+  const auto flag = caps.find(name);
+  return flag != caps.end() && flag->second.isBool() && flag->second.toBool();
+}
+
 // Asks Linux for the AMX tile state (XTILEDATA), which a process must request before its first
 // tile instruction; true when granted (oneDNN asks too, and asking twice is harmless).
 bool amx_tile_state_granted() {
@@ -86,7 +92,7 @@ bool amx_tile_state_granted() {
 #endif
 }
 
-enum class Bf16Gemm : int { kAten, kVnni, kAmx };
+enum class Bf16Gemm : int { kAten, kWiden, kVnni, kAmx };
 
 struct Bf16GemmChoice {
   Bf16Gemm kernel;
@@ -94,23 +100,29 @@ struct Bf16GemmChoice {
 };
 
 // The projector's bfloat16 GEMMs: packed_gemm on AMX tiles where the CPU has AMX-BF16, on
-// vdpbf16ps tiles where it has avx512_bf16 only, else ATen. MMFAST_CPU_BF16_GEMM=amx|tiles|aten
-// forces one (amx and tiles where they can run: lets the tests cover every kernel on one CPU).
+// vdpbf16ps tiles where it has avx512_bf16 only; else ATen's where it runs oneDNN's bfloat16
+// kernels (AVX-512 CPUs), and float32 GEMMs on widened operands where ATen's bfloat16 GEMM is
+// a scalar loop (no AVX-512: 0.65-8 GFLOP/s on a Zen 3). MMFAST_CPU_BF16_GEMM=
+// amx|tiles|aten|widen forces one (amx and tiles where they can run: lets the tests cover
+// every kernel on one CPU).
 Bf16GemmChoice bf16_gemm_choice() {
   static const Bf16GemmChoice choice = [] {
-    const std::string want = path_override("MMFAST_CPU_BF16_GEMM", {"amx", "tiles", "aten"});
+    const std::string want =
+        path_override("MMFAST_CPU_BF16_GEMM", {"amx", "tiles", "aten", "widen"});
     bool tiles_run = false, amx_cpu = false, amx = false;
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
     tiles_run = active_isa() == Isa::AVX512 && __builtin_cpu_supports("avx512bf16");
     // cpuinfo's flags, as ATen reads them.
-    const auto caps = at::cpu::get_cpu_capabilities();
-    const auto flag = caps.find("amx_bf16");
-    amx_cpu = flag != caps.end() && flag->second.isBool() && flag->second.toBool();
+    amx_cpu = cpu_flag(at::cpu::get_cpu_capabilities(), "amx_bf16");
     amx = tiles_run && amx_cpu && amx_tile_state_granted();
 #endif
     if (want == "aten") {
       return Bf16GemmChoice{Bf16Gemm::kAten, "ATen (MMFAST_CPU_BF16_GEMM=aten)"};
+    }
+    if (want == "widen") {
+      return Bf16GemmChoice{Bf16Gemm::kWiden,
+                            "float32 GEMMs on widened operands (MMFAST_CPU_BF16_GEMM=widen)"};
     }
     if (want == "tiles") {
       TORCH_CHECK(tiles_run, "MMFAST_CPU_BF16_GEMM=tiles: the vdpbf16ps tiles need the AVX512 "
@@ -131,6 +143,11 @@ Bf16GemmChoice bf16_gemm_choice() {
                             "vdpbf16ps tiles (avx512_bf16; AMX tile state not granted)"};
     }
     if (tiles_run) return Bf16GemmChoice{Bf16Gemm::kVnni, "vdpbf16ps tiles (avx512_bf16, no AMX)"};
+    if (!bf16_brgemm_runs()) {
+      return Bf16GemmChoice{Bf16Gemm::kWiden,
+                            "float32 GEMMs on widened operands (no AVX-512: ATen's bfloat16 "
+                            "GEMM is a scalar loop)"};
+    }
     return Bf16GemmChoice{Bf16Gemm::kAten, "ATen (no avx512_bf16 in the active build)"};
   }();
   return choice;
@@ -153,7 +170,11 @@ PathChoice f32_gemm_choice() {
 PathChoice xattn_bf16_choice() {
   static const PathChoice choice = [] {
     const std::string want = path_override("MMFAST_CPU_XATTN_BF16", {"brgemm", "widen"});
-    if (want == "brgemm") return PathChoice{true, "bfloat16 brgemm (MMFAST_CPU_XATTN_BF16=brgemm)"};
+    if (want == "brgemm") {
+      TORCH_CHECK(bf16_brgemm_runs(), "MMFAST_CPU_XATTN_BF16=brgemm: ATen's bfloat16 brgemm "
+                  "needs a CPU with AVX-512 (F, CD, BW, VL, DQ)");
+      return PathChoice{true, "bfloat16 brgemm (MMFAST_CPU_XATTN_BF16=brgemm)"};
+    }
     if (want == "widen") {
       return PathChoice{false, "float32 GEMMs on widened tiles (MMFAST_CPU_XATTN_BF16=widen)"};
     }
@@ -164,9 +185,70 @@ PathChoice xattn_bf16_choice() {
   return choice;
 }
 
+PathChoice f16_gemm_choice() {
+  static const PathChoice choice = [] {
+    return cpu_flag(at::cpu::get_cpu_capabilities(), "avx512_fp16")
+               ? PathChoice{false, "ATen (avx512_fp16)"}
+               : PathChoice{true, "float32 GEMMs on widened operands (no avx512_fp16: ATen's "
+                                  "float16 GEMM is a scalar loop)"};
+  }();
+  return choice;
+}
+
+struct MergeGemmChoice {
+  MergeGemm kind;
+  const char* why;
+};
+
+MergeGemmChoice merge_gemm_choice() {
+  static const MergeGemmChoice choice = [] {
+    const std::string want = path_override("MMFAST_CPU_MERGE_GEMM", {"int8", "bf16", "f32"});
+    const bool int8 = active_isa() == Isa::AVX512 && at::cpu::is_avx512_vnni_supported();
+    const bool bf16 = bf16_brgemm_runs();
+    if (want == "int8") {
+      TORCH_CHECK(int8, "MMFAST_CPU_MERGE_GEMM=int8: the int8 first pass needs the AVX512 build "
+                  "active and a CPU with AVX512-VNNI (MMFAST_CPU_ISA: ", isa_name(active_isa()),
+                  ")");
+      return MergeGemmChoice{MergeGemm::kInt8, "int8 brgemm (MMFAST_CPU_MERGE_GEMM=int8)"};
+    }
+    if (want == "bf16") {
+      TORCH_CHECK(bf16, "MMFAST_CPU_MERGE_GEMM=bf16: ATen's bfloat16 brgemm needs a CPU with "
+                  "AVX-512 (F, CD, BW, VL, DQ)");
+      return MergeGemmChoice{MergeGemm::kBFloat16, "bfloat16 brgemm (MMFAST_CPU_MERGE_GEMM=bf16)"};
+    }
+    if (want == "f32") {
+      return MergeGemmChoice{MergeGemm::kFloat32, "float32 brgemm (MMFAST_CPU_MERGE_GEMM=f32)"};
+    }
+    if (int8) return MergeGemmChoice{MergeGemm::kInt8, "int8 brgemm (AVX512-VNNI)"};
+    if (bf16) return MergeGemmChoice{MergeGemm::kBFloat16, "bfloat16 brgemm (AVX-512)"};
+    return MergeGemmChoice{MergeGemm::kFloat32, "float32 brgemm (no AVX-512)"};
+  }();
+  return choice;
+}
+
 }  // namespace
 
-bool bf16_tile_gemm() { return bf16_gemm_choice().kernel != Bf16Gemm::kAten; }
+bool bf16_brgemm_runs() {
+  // oneDNN's avx512_core (F, CD, BW, VL, DQ), which its bfloat16 brgemm ukernel needs.
+  static const bool runs = [] {
+    const auto caps = at::cpu::get_cpu_capabilities();
+    return cpu_flag(caps, "avx512_f") && cpu_flag(caps, "avx512_cd") &&
+           cpu_flag(caps, "avx512_bw") && cpu_flag(caps, "avx512_vl") &&
+           cpu_flag(caps, "avx512_dq");
+  }();
+  return runs;
+}
+
+bool f16_gemm_widened() { return f16_gemm_choice().taken; }
+const char* f16_gemm_path() { return f16_gemm_choice().why; }
+
+MergeGemm merge_gemm() { return merge_gemm_choice().kind; }
+const char* merge_gemm_path() { return merge_gemm_choice().why; }
+bool bf16_tile_gemm() {
+  const Bf16Gemm k = bf16_gemm_choice().kernel;
+  return k == Bf16Gemm::kVnni || k == Bf16Gemm::kAmx;
+}
+bool bf16_gemm_widened() { return bf16_gemm_choice().kernel == Bf16Gemm::kWiden; }
 bool bf16_gemm_amx() { return bf16_gemm_choice().kernel == Bf16Gemm::kAmx; }
 const char* bf16_gemm_path() { return bf16_gemm_choice().why; }
 bool f32_gemm_onednn() { return f32_gemm_choice().taken; }

@@ -12,13 +12,22 @@ const char* isa_name(Isa isa);
 
 // Whether bfloat16 GEMMs of the projector run on packed_gemm (our tile kernels) rather than
 // ATen's: where the AVX512 build is active and the CPU has avx512_bf16. The tile kernel is AMX's
-// where the CPU has AMX-BF16 (bf16_gemm_amx), vdpbf16ps's elsewhere (Zen 4).
-// MMFAST_CPU_BF16_GEMM=amx|tiles|aten (read once) forces AMX, vdpbf16ps or ATen.
+// where the CPU has AMX-BF16 (bf16_gemm_amx), vdpbf16ps's elsewhere (Zen 4). Without the tiles,
+// on a CPU without AVX-512 (no oneDNN bfloat16 kernels: ATen's bfloat16 GEMM is a scalar loop)
+// they are float32 GEMMs on widened copies of the operands (bf16_gemm_widened).
+// MMFAST_CPU_BF16_GEMM=amx|tiles|aten|widen (read once) forces AMX, vdpbf16ps, ATen or widening.
 bool bf16_tile_gemm();
 bool bf16_gemm_amx();
+bool bf16_gemm_widened();
 
 // Why bf16_tile_gemm() is true or false, in words (the benchmark table prints it).
 const char* bf16_gemm_path();
+
+// Whether the projector's float16 GEMMs are float32 GEMMs on widened operands: on CPUs without
+// avx512_fp16, where oneDNN has no float16 kernels and ATen's float16 GEMM is a scalar loop.
+// f16_gemm_path() says which, in words.
+bool f16_gemm_widened();
+const char* f16_gemm_path();
 
 // Whether the projector's float32 GEMMs go through oneDNN's linear rather than ATen's mm (MKL):
 // on every CPU but Intel's, where MKL's sgemm is Intel's own and oneDNN gains nothing while
@@ -36,6 +45,17 @@ const char* f32_gemm_path();
 // (read once) overrides.
 bool xattn_bf16_brgemm();
 const char* xattn_bf16_path();
+
+// The approximate GEMM of bipartite_merge's first pass (csrc/cpu/bipartite_merge.cpp), all
+// through ATen's brgemm: int8 where the AVX512 build is active and the CPU has VNNI; bfloat16
+// where oneDNN's bfloat16 ukernel runs (a CPU with AVX-512: oneDNN's avx512_core; elsewhere
+// ATen raises an error for it); else float32. MMFAST_CPU_MERGE_GEMM=int8|bf16|f32 (read
+// once) overrides where the kernel can run.
+enum class MergeGemm : int { kInt8, kBFloat16, kFloat32 };
+MergeGemm merge_gemm();
+const char* merge_gemm_path();
+// Whether ATen's bfloat16 brgemm on VNNI-packed operands runs on this CPU.
+bool bf16_brgemm_runs();
 
 // Picks the build of one kernel that matches active_isa().
 template <typename Fn>

@@ -9,8 +9,10 @@
 //   backward  the tiles of g w2 turn into grad_h = (g w2) * gelu'(h) and act = gelu(h)
 //             (recomputed from the saved h), both stored transposed: they are the row-major
 //             A operands of dw1 = grad_h^T x and dw2^T = act^T g (b1's gradient summed there too)
-// Elsewhere the GEMMs go through oneDNN (float32: see onednn_linear) or ATen (MKL / oneDNN),
-// with everything between them in one vectorized pass over rows (csrc/cpu/vec/bias_gelu.cpp):
+// Elsewhere the GEMMs go through oneDNN (float32: see onednn_linear) or ATen (MKL / oneDNN; in
+// bfloat16 and float16 on CPUs without their kernels, float32 GEMMs on widened operands: see
+// gemm), with everything between them in one vectorized pass over rows
+// (csrc/cpu/vec/bias_gelu.cpp):
 //   forward   h = x w1^T, then one pass h += b1, act = gelu(h); out = b2 + act w2^T
 //   backward  grad_h = g w2, then one pass over the saved h that recomputes act = gelu(h) and
 //             turns grad_h into grad_h * gelu'(h) (plus b1's gradient); then the weight GEMMs.
@@ -149,6 +151,37 @@ Tensor transposed_float(const Tensor& m, const Tensor& into = Tensor()) {
 
 Tensor defined_or_empty(const Tensor& t, const Tensor& like) {
   return t.defined() ? t : at::empty({0}, like.options());
+}
+
+// Whether the unfused path's GEMMs in a's dtype are float32 GEMMs on widened operands (isa.h).
+bool widened_gemm(const Tensor& a) {
+  return (a.scalar_type() == at::kBFloat16 && bf16_gemm_widened()) ||
+         (a.scalar_type() == at::kHalf && f16_gemm_widened());
+}
+
+// Output columns per float32 GEMM in gemm's widened form: its float32 copy of b and its float32
+// result are one panel of them at a time (LLaVA-1.5-7B's w2 would be a 64 MiB copy whole).
+constexpr int64_t kWidenedPanelCols = 512;
+
+// a [M, K] @ b [K, N] (+ bias [N]) on the unfused path. Where widened_gemm (bfloat16 on CPUs
+// without AVX-512, float16 without avx512_fp16: there ATen's GEMMs in these dtypes are scalar
+// loops, 0.4-16 GFLOP/s on a Zen 3 against 20-60 in float32), float32 GEMMs on float32 copies
+// of the operands, rounded once: the products and float32 sums of a GEMM that accumulates in
+// float32, at float32 GEMM speed. a is widened whole, b and the result a panel of
+// kWidenedPanelCols columns at a time.
+Tensor gemm(const Tensor& a, const Tensor& b, const std::optional<Tensor>& bias = std::nullopt) {
+  const bool has_bias = bias.has_value() && bias->defined();
+  if (!widened_gemm(a)) return has_bias ? at::addmm(*bias, a, b) : at::mm(a, b);
+  const auto a32 = a.to(at::kFloat);
+  auto out = at::empty({a.size(0), b.size(1)}, a.options());
+  for (int64_t j0 = 0; j0 < b.size(1); j0 += kWidenedPanelCols) {
+    const int64_t cols = std::min(kWidenedPanelCols, b.size(1) - j0);
+    const auto b32 = b.narrow(1, j0, cols).to(at::kFloat);
+    out.narrow(1, j0, cols).copy_(has_bias ? at::addmm(bias->narrow(0, j0, cols).to(at::kFloat),
+                                                       a32, b32)
+                                           : at::mm(a32, b32));
+  }
+  return out;
 }
 
 // h [N, H] (pre-activation, without b1) -> h += b1, act = gelu(h). In place (act is h's
@@ -387,7 +420,7 @@ std::pair<Tensor, Tensor> first_layer(const Tensor& x2, const Tensor& w1,
   // h = x2 w1^T + b1 in one oneDNN call where it applies; else the pass adds b1.
   auto h = onednn_linear(x2, w1, b1);
   const bool bias_added = h.defined();
-  if (!bias_added) h = at::mm(x2, w1.t());
+  if (!bias_added) h = gemm(x2, w1.t());
   auto act = bias_gelu_keep(h, bias_added ? std::nullopt : b1, tanh_form, keep_h);
   return {act, keep_h ? h : Tensor()};
 }
@@ -395,7 +428,7 @@ std::pair<Tensor, Tensor> first_layer(const Tensor& x2, const Tensor& w1,
 Tensor second_layer(const Tensor& act, const Tensor& w2, const std::optional<Tensor>& b2) {
   auto out = onednn_linear(act, w2, b2);
   if (out.defined()) return out;
-  return b2.has_value() && b2->defined() ? at::addmm(*b2, act, w2.t()) : at::mm(act, w2.t());
+  return gemm(act, w2.t(), b2);
 }
 
 std::tuple<Tensor, Tensor> projector_cpu(const Tensor& x, const Tensor& w1,
@@ -542,9 +575,9 @@ std::pair<Tensor, Tensor> first_layer_backward(const Tensor& grad_t, const Tenso
                grad_t.is_contiguous()) {
       grad_w1 = onednn_linear(grad_t, x2.t(), std::nullopt);
     }
-    if (!grad_w1.defined()) grad_w1 = at::mm(grad_t, x2);
+    if (!grad_w1.defined()) grad_w1 = gemm(grad_t, x2);
   }
-  if (mask[0]) grad_x = at::mm(grad_t.t(), *w1);
+  if (mask[0]) grad_x = gemm(grad_t.t(), *w1);
   return {grad_x, grad_w1};
 }
 
@@ -777,7 +810,7 @@ std::array<Tensor, 6> backward_rows(const Tensor& g, const Tensor& x2, const Ten
   }
   Tensor act = mask[3] ? at::empty_like(h2) : Tensor();
   // [N, H] = g w2, turned into grad_h in place
-  Tensor grad_h = need_grad_h ? at::mm(g, w2) : Tensor();
+  Tensor grad_h = need_grad_h ? gemm(g, w2) : Tensor();
   Tensor grad_t;  // with link: grad_h^T in link_gradient_buffer's layout
   if (mask[3] || need_grad_h) {
     const int64_t block = bias_block_rows(rows, cols, kBiasBlocks);
@@ -806,7 +839,7 @@ std::array<Tensor, 6> backward_rows(const Tensor& g, const Tensor& x2, const Ten
     grad_h.reset();
   }
   if (mask[3]) {
-    grads[3] = at::mm(g.t(), act);
+    grads[3] = gemm(g.t(), act);
     act.reset();  // before the next GEMMs allocate: lowers the backward's peak
   }
   if (mask[4]) grads[4] = g.sum(0);
@@ -1007,6 +1040,13 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
   auto [act, h] = first_layer(x, w1, b1, tanh_form, keep_h);
   if (x.scalar_type() == at::kFloat && x.size(0) > 0) {
     second_layer_by_columns(out2, act, w2, b2, rows);
+    return {out, keep_h ? h : at::empty({0}, x.options())};
+  }
+  if (widened_gemm(x)) {
+    // One float32 GEMM over all rows (each run's own would widen w2 again), rounded into
+    // an [N, Hout] tensor whose rows are then copied to their placeholders.
+    out2.index_copy_(0, at::tensor(rows, x.options().dtype(at::kLong)),
+                     second_layer(act, w2, b2));
     return {out, keep_h ? h : at::empty({0}, x.options())};
   }
   const bool has_b2 = b2.has_value() && b2->defined();

@@ -7,7 +7,8 @@ import torch
 
 import mmfast
 from mmfast import reference
-from tests.helpers import DTYPES, assert_close, noncontiguous, sample_inputs, tol
+from tests.helpers import (DTYPES, assert_close, assert_pytest_passes, cpu_has_avx512,
+                           noncontiguous, sample_inputs, tol)
 
 
 def _ref64(x, metric, r, size=None, protect_first=False):
@@ -336,8 +337,10 @@ def test_tiny_metric_rows_are_an_error(dtype):
 def test_each_isa_build(isa):
     """The generic and AVX2 builds of the row loops (forced by MMFAST_CPU_ISA) make the same
     choice and values as the reference; the rest of the suite runs the best build. These
-    builds shortlist with a bfloat16 GEMM (the AVX512 build with int8 where the CPU has
-    VNNI): on a rounded copy (odd Cm), or reading a bfloat16 metric in place (even Cm)."""
+    builds shortlist with a bfloat16 GEMM on AVX-512 CPUs (the AVX512 build with int8 where
+    the CPU has VNNI): on a rounded copy (odd Cm), or reading a bfloat16 metric in place (even
+    Cm); without AVX-512 with a float32 GEMM (on a widened copy unless the metric is
+    float32)."""
     code = (
         "import torch, mmfast\n"
         f"assert mmfast.cpu_isa() == '{isa}', mmfast.cpu_isa()\n"
@@ -365,3 +368,40 @@ def test_each_isa_build(isa):
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                          cwd=root)
     assert out.returncode == 0, out.stderr[-2000:]
+
+
+_PASS_NAMES = {"int8": "int8 brgemm", "bf16": "bfloat16 brgemm", "f32": "float32 brgemm"}
+
+
+def test_cpu_merge_gemm_path_follows_the_cpu():
+    """The first pass runs int8 brgemm in the AVX512 build on a CPU with VNNI, bfloat16 brgemm
+    on other AVX-512 CPUs, float32 brgemm without AVX-512 (ATen has no bfloat16 brgemm there:
+    it raised an error on a Zen 3); MMFAST_CPU_MERGE_GEMM=int8|bf16|f32 overrides."""
+    forced = os.environ.get("MMFAST_CPU_MERGE_GEMM", "auto")
+    if forced != "auto":
+        expected = f"{_PASS_NAMES[forced]} (MMFAST_CPU_MERGE_GEMM={forced})"
+    elif mmfast.cpu_isa() == "avx512" and torch.cpu.get_capabilities().get("avx512_vnni"):
+        expected = "int8 brgemm (AVX512-VNNI)"
+    elif cpu_has_avx512():
+        expected = "bfloat16 brgemm (AVX-512)"
+    else:
+        expected = "float32 brgemm (no AVX-512)"
+    assert mmfast.cpu_merge_gemm() == expected
+
+
+@pytest.mark.parametrize("first_pass", ["bf16", "f32"])
+def test_other_first_passes(first_pass):
+    """The first passes this CPU does not take by default (forced by MMFAST_CPU_MERGE_GEMM)
+    choose the exact tokens too: every dtype, odd Cm (a copy or a widened metric), near ties
+    below bfloat16's resolution, outlier channels."""
+    if mmfast.cpu_merge_gemm().startswith(_PASS_NAMES[first_pass]):
+        pytest.skip("this CPU's default: the rest of the suite runs it")
+    if first_pass == "bf16" and not cpu_has_avx512():
+        pytest.skip("ATen's bfloat16 brgemm needs AVX-512")
+    base = "tests/ops/test_bipartite_merge.py::"
+    tests = [base + "test_cpu_merge_gemm_path_follows_the_cpu", base + "test_issue_shapes",
+             base + "test_duplicate_tokens_break_ties_by_lower_index",
+             base + "test_near_ties_below_bfloat16_resolution",
+             base + "test_outlier_channels_keep_the_exact_choice",
+             base + "test_noncontiguous_inputs", base + "test_samples_match_reference"]
+    assert_pytest_passes(tests, None, MMFAST_CPU_MERGE_GEMM=first_pass)

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import mmfast
 from mmfast import ops, reference
 from mmfast.ops.projector import first_layer_node_lowers_peak
-from tests.helpers import DTYPES, assert_pytest_passes, sample_inputs
+from tests.helpers import DTYPES, assert_pytest_passes, cpu_has_avx512, sample_inputs
 from tests.ops._projector_common import check_like_torch, compare_fwd_bwd
 from tests.samples.projector import make_weights
 
@@ -65,13 +65,18 @@ def _amx_can_run():
 def test_cpu_bf16_gemm_follows_cpu_flags():
     """The projector's bfloat16 GEMMs run on mmfast's tiles in the AVX512 build on a CPU with
     avx512_bf16: AMX tiles where the CPU has AMX-BF16, vdpbf16ps tiles elsewhere; without
-    avx512_bf16 they go through ATen. MMFAST_CPU_BF16_GEMM=amx|tiles|aten overrides the rule
-    where the kernel can run."""
+    avx512_bf16 they go through ATen on AVX-512 CPUs and are float32 GEMMs on widened operands
+    on the others. MMFAST_CPU_BF16_GEMM=amx|tiles|aten|widen overrides the rule where the
+    kernel can run."""
     forced = os.environ.get("MMFAST_CPU_BF16_GEMM", "auto")
     if forced == "aten":
         expected = "ATen (MMFAST_CPU_BF16_GEMM=aten)"
+    elif forced == "widen":
+        expected = "float32 GEMMs on widened operands (MMFAST_CPU_BF16_GEMM=widen)"
     elif not _tiles_can_run():
-        expected = "ATen (no avx512_bf16 in the active build)"
+        expected = ("ATen (no avx512_bf16 in the active build)" if cpu_has_avx512() else
+                    "float32 GEMMs on widened operands (no AVX-512: ATen's bfloat16 GEMM is a "
+                    "scalar loop)")
     elif forced == "tiles":
         expected = "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles)"
     elif forced == "amx":
@@ -81,7 +86,19 @@ def test_cpu_bf16_gemm_follows_cpu_flags():
     else:
         expected = "vdpbf16ps tiles (avx512_bf16, no AMX)"
     assert mmfast.cpu_bf16_gemm() == expected
-    assert torch.ops.mmfast._cpu_bf16_tile_gemm() == (not expected.startswith("ATen"))
+    tiles = expected.startswith(("AMX", "vdpbf16ps"))
+    assert torch.ops.mmfast._cpu_bf16_tile_gemm() == tiles
+
+
+def test_cpu_f16_gemm_follows_avx512_fp16():
+    """float16 GEMMs go through ATen where the CPU has avx512_fp16 (oneDNN's float16 kernels),
+    else they are float32 GEMMs on widened operands."""
+    if torch.cpu.get_capabilities().get("avx512_fp16", False):
+        expected = "ATen (avx512_fp16)"
+    else:
+        expected = ("float32 GEMMs on widened operands (no avx512_fp16: ATen's float16 GEMM is "
+                    "a scalar loop)")
+    assert mmfast.cpu_f16_gemm() == expected
 
 
 # The tests of the tile paths (packed_gemm): on an AMX CPU, where the AMX tiles are the default,
@@ -142,7 +159,8 @@ def test_bfloat16_gemm_over_many_panels():
 
 @pytest.mark.parametrize("variable,query", [("MMFAST_CPU_BF16_GEMM", "cpu_bf16_gemm"),
                                             ("MMFAST_CPU_F32_GEMM", "cpu_f32_gemm"),
-                                            ("MMFAST_CPU_XATTN_BF16", "cpu_xattn_bf16")])
+                                            ("MMFAST_CPU_XATTN_BF16", "cpu_xattn_bf16"),
+                                            ("MMFAST_CPU_MERGE_GEMM", "cpu_merge_gemm")])
 def test_bad_gemm_choice_is_a_clear_error(variable, query):
     env = dict(os.environ, **{variable: "fastest"})
     out = subprocess.run([sys.executable, "-c", f"import mmfast; print(mmfast.{query}())"],
@@ -150,16 +168,21 @@ def test_bad_gemm_choice_is_a_clear_error(variable, query):
     assert out.returncode != 0 and variable in out.stderr, out.stderr[-2000:]
 
 
-def test_bfloat16_without_packed_gemm():
-    """Capped at the AVX2 build (as on a CPU without avx512_bf16; on one with AMX-BF16 the same
-    path runs), bfloat16 GEMMs go through ATen instead of the packed-GEMM path: projector and
-    splice still match, forward and backward."""
+@pytest.mark.parametrize("path", ["aten", "widen"])
+def test_bfloat16_without_packed_gemm(path):
+    """Without the tile GEMMs (forced by MMFAST_CPU_BF16_GEMM), bfloat16 GEMMs go through ATen
+    (oneDNN's bfloat16 kernels on AVX-512 CPUs) or float32 GEMMs on widened operands (the
+    default without AVX-512, where ATen's are scalar loops): projector and splice still match,
+    forward and backward."""
+    if path == "aten" and not cpu_has_avx512():
+        pytest.skip("ATen's bfloat16 GEMMs are scalar loops without AVX-512 (minutes here)")
     tests = ["tests/ops/test_projector.py::test_cpu_bf16_gemm_follows_cpu_flags",
              "tests/ops/test_projector.py::test_matches_reference_on_samples[dtype2]",
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype2]",
              "tests/ops/test_projector.py::test_bfloat16_gemm_tiling_edges",
+             "tests/ops/test_projector.py::test_two_node_backward[True-dtype2]",
              "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype2]"]
-    assert_pytest_passes(tests, None, MMFAST_CPU_ISA="avx2")
+    assert_pytest_passes(tests, None, MMFAST_CPU_BF16_GEMM=path)
 
 
 # (x, w1, b1, w2, b2) trained: each gradient the packed backward makes, alone and together.
