@@ -59,10 +59,23 @@ inline fVec gelu_erf(const fVec& x) {
   return x * half * (one + erf_given_exp(x * fVec(kSqrt1_2), e));
 }
 
-// gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x s,  u = k (x + c x^3)
-inline fVec gelu_tanh(const fVec& x) {
-  return x * tanh_halves(fVec(kTanhK) * (x + fVec(kTanhC) * x * x * x)).s;
+// The halves of gelu_tanh's gate at x: u = k (x + c x^3).
+inline TanhHalves gelu_tanh_halves(const fVec& x) {
+  return tanh_halves(fVec(kTanhK) * (x + fVec(kTanhC) * x * x * x));
 }
+
+// gelu_tanh(x) = 0.5 x (1 + tanh(u)) = x s
+inline fVec gelu_tanh(const fVec& x) { return x * gelu_tanh_halves(x).s; }
+
+// d gelu_tanh / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du = s (1 + 2 x r du),
+// t = tanh(u), du = k (1 + 3 c x^2), from the halves t of x's gate
+inline fVec dgelu_tanh_given(const fVec& x, const TanhHalves& t) {
+  const fVec one(1.0f);
+  const fVec du = fVec(kTanhK) * (one + fVec(3.0f * kTanhC) * x * x);
+  return t.s * at::vec::fmadd(fVec(2.0f) * x * t.r, du, one);
+}
+
+inline fVec dgelu_tanh(const fVec& x) { return dgelu_tanh_given(x, gelu_tanh_halves(x)); }
 
 // d gelu / dx = Phi(x) + x phi(x), phi(x) = exp(-x^2 / 2) / sqrt(2 pi)
 inline fVec dgelu_erf(const fVec& x) {
@@ -70,15 +83,6 @@ inline fVec dgelu_erf(const fVec& x) {
   const fVec e = (fVec(-0.5f) * x * x).exp_u20();
   const fVec cdf = half * (one + erf_given_exp(x * fVec(kSqrt1_2), e));
   return at::vec::fmadd(x * fVec(kInvSqrt2Pi), e, cdf);
-}
-
-// d gelu_tanh / dx = 0.5 (1 + t) + 0.5 x (1 - t^2) du = s (1 + 2 x r du),
-// t = tanh(u), du = k (1 + 3 c x^2)
-inline fVec dgelu_tanh(const fVec& x) {
-  const fVec x2 = x * x;
-  const TanhHalves t = tanh_halves(fVec(kTanhK) * (x + fVec(kTanhC) * x2 * x));
-  const fVec du = fVec(kTanhK) * (fVec(1.0f) + fVec(3.0f * kTanhC) * x2);
-  return t.s * at::vec::fmadd(fVec(2.0f) * x * t.r, du, fVec(1.0f));
 }
 
 inline fVec gelu(const fVec& x, bool tanh_form) { return tanh_form ? gelu_tanh(x) : gelu_erf(x); }
@@ -89,11 +93,9 @@ inline fVec dgelu(const fVec& x, bool tanh_form) { return tanh_form ? dgelu_tanh
 inline void gelu_and_grad(const fVec& v, bool tanh_form, fVec& act, fVec& d) {
   const fVec half(0.5f), one(1.0f);
   if (tanh_form) {
-    const fVec v2 = v * v;
-    const TanhHalves t = tanh_halves(fVec(kTanhK) * (v + fVec(kTanhC) * v2 * v));
+    const TanhHalves t = gelu_tanh_halves(v);
     act = v * t.s;
-    const fVec du = fVec(kTanhK) * (one + fVec(3.0f * kTanhC) * v2);
-    d = t.s * at::vec::fmadd(fVec(2.0f) * v * t.r, du, one);
+    d = dgelu_tanh_given(v, t);
   } else {
     const fVec e = (fVec(-0.5f) * v * v).exp_u20();
     const fVec erf = erf_given_exp(v * fVec(kSqrt1_2), e);
