@@ -170,10 +170,10 @@ def test_bad_gemm_choice_is_a_clear_error(variable, query):
 
 @pytest.mark.parametrize("path", ["aten", "widen"])
 def test_bfloat16_without_packed_gemm(path):
-    """Without the tile GEMMs (forced by MMFAST_CPU_BF16_GEMM), bfloat16 GEMMs go through ATen
-    (oneDNN's bfloat16 kernels on AVX-512 CPUs) or float32 GEMMs on widened operands (the
-    default without AVX-512, where ATen's are scalar loops): projector and splice still match,
-    forward and backward."""
+    """Without the tile GEMMs (forced by MMFAST_CPU_BF16_GEMM, in the AVX2 build, whose
+    elementwise passes then run), bfloat16 GEMMs go through ATen (oneDNN's bfloat16 kernels on
+    AVX-512 CPUs) or float32 GEMMs on widened operands (the default without AVX-512, where
+    ATen's are scalar loops): projector and splice still match, forward and backward."""
     if path == "aten" and not cpu_has_avx512():
         pytest.skip("ATen's bfloat16 GEMMs are scalar loops without AVX-512 (minutes here)")
     tests = ["tests/ops/test_projector.py::test_cpu_bf16_gemm_follows_cpu_flags",
@@ -182,7 +182,7 @@ def test_bfloat16_without_packed_gemm(path):
              "tests/ops/test_projector.py::test_bfloat16_gemm_tiling_edges",
              "tests/ops/test_projector.py::test_two_node_backward[True-dtype2]",
              "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype2]"]
-    assert_pytest_passes(tests, None, MMFAST_CPU_BF16_GEMM=path)
+    assert_pytest_passes(tests, None, MMFAST_CPU_BF16_GEMM=path, MMFAST_CPU_ISA="avx2")
 
 
 # (x, w1, b1, w2, b2) trained: each gradient the packed backward makes, alone and together.
