@@ -22,25 +22,30 @@ def cpu_isa() -> str:
 
 def cpu_bf16_gemm() -> str:
     """What runs the projector's bfloat16 GEMMs on CPU: mmfast's AMX tiles (CPUs with
-    AMX-BF16), its vdpbf16ps tiles (avx512_bf16 without AMX), ATen (other AVX-512 CPUs, or
-    builds without avx512_bf16), or float32 GEMMs on widened operands (CPUs without AVX-512,
-    where ATen's bfloat16 GEMMs are scalar loops). The environment variable
-    MMFAST_CPU_BF16_GEMM (auto, amx, tiles, aten, widen; read once) overrides that rule where
-    the kernel can run, for tests and measurements."""
+    AMX-BF16), its vdpbf16ps tiles (avx512_bf16 without AMX), its AVX2 FMA tiles (fma_gemm:
+    the AVX2 build, on CPUs without AVX-512, where ATen's bfloat16 GEMMs are scalar loops),
+    ATen (other AVX-512 CPUs, or builds without avx512_bf16), or float32 GEMMs on widened
+    operands (the generic build without AVX-512). The environment variable
+    MMFAST_CPU_BF16_GEMM (auto, amx, tiles, aten, widen, fma; read once) overrides that rule
+    where the kernel can run, for tests and measurements."""
     return torch.ops.mmfast._cpu_bf16_gemm()
 
 
 def cpu_f16_gemm() -> str:
-    """What runs the projector's float16 GEMMs on CPU: ATen (CPUs with avx512_fp16, where
-    oneDNN has float16 kernels) or float32 GEMMs on widened operands (the others, where
-    ATen's float16 GEMMs are scalar loops)."""
+    """What runs the projector's float16 GEMMs on CPU: mmfast's AVX2 FMA tiles (fma_gemm: the
+    AVX2 build, on CPUs without AVX-512), ATen (CPUs with avx512_fp16, where oneDNN has
+    float16 kernels) or float32 GEMMs on widened operands (the others, where ATen's float16
+    GEMMs are scalar loops). MMFAST_CPU_F16_GEMM (auto, aten, widen, fma; read once)
+    overrides."""
     return torch.ops.mmfast._cpu_f16_gemm()
 
 
 def cpu_f32_gemm() -> str:
-    """What runs the projector's float32 GEMMs on CPU: oneDNN's linear (with the backward's
-    operands made contiguous along K), or ATen's mm (MKL) on Intel CPUs, where it is as fast.
-    The environment variable MMFAST_CPU_F32_GEMM (auto, onednn, mkl; read once) overrides."""
+    """What runs the projector's float32 GEMMs on CPU: mmfast's AVX2 FMA tiles (fma_gemm: the
+    AVX2 build, on CPUs without AVX-512, where they ran faster than MKL), oneDNN's linear
+    (with the backward's operands made contiguous along K), or ATen's mm (MKL) on Intel CPUs,
+    where it is as fast. The environment variable MMFAST_CPU_F32_GEMM (auto, onednn, mkl,
+    fma; read once) overrides."""
     return torch.ops.mmfast._cpu_f32_gemm()
 
 

@@ -92,7 +92,15 @@ bool amx_tile_state_granted() {
 #endif
 }
 
-enum class Bf16Gemm : int { kAten, kWiden, kVnni, kAmx };
+enum class Bf16Gemm : int { kAten, kWiden, kVnni, kAmx, kFma };
+
+// Whether fma_gemm can run: its AVX2 build (or the AVX512 one) is active.
+bool fma_gemm_runs() { return active_isa() != Isa::DEFAULT; }
+
+void check_fma_gemm_runs(const char* variable) {
+  TORCH_CHECK(fma_gemm_runs(), variable, "=fma: fma_gemm needs a CPU with AVX2 and FMA and the "
+              "AVX2 or AVX512 build active (MMFAST_CPU_ISA: ", isa_name(active_isa()), ")");
+}
 
 struct Bf16GemmChoice {
   Bf16Gemm kernel;
@@ -100,15 +108,15 @@ struct Bf16GemmChoice {
 };
 
 // The projector's bfloat16 GEMMs: packed_gemm on AMX tiles where the CPU has AMX-BF16, on
-// vdpbf16ps tiles where it has avx512_bf16 only; else ATen's where it runs oneDNN's bfloat16
-// kernels (AVX-512 CPUs), and float32 GEMMs on widened operands where ATen's bfloat16 GEMM is
-// a scalar loop (no AVX-512: 0.65-8 GFLOP/s on a Zen 3). MMFAST_CPU_BF16_GEMM=
-// amx|tiles|aten|widen forces one (amx and tiles where they can run: lets the tests cover
-// every kernel on one CPU).
+// vdpbf16ps tiles where it has avx512_bf16 only; fma_gemm where the AVX2 build is active; else
+// ATen's where it runs oneDNN's bfloat16 kernels (AVX-512 CPUs), and float32 GEMMs on widened
+// operands where ATen's bfloat16 GEMM is a scalar loop (no AVX-512: 0.65-8 GFLOP/s on a Zen 3).
+// MMFAST_CPU_BF16_GEMM=amx|tiles|aten|widen|fma forces one (amx, tiles and fma where they can
+// run: lets the tests cover every kernel on one CPU).
 Bf16GemmChoice bf16_gemm_choice() {
   static const Bf16GemmChoice choice = [] {
     const std::string want =
-        path_override("MMFAST_CPU_BF16_GEMM", {"amx", "tiles", "aten", "widen"});
+        path_override("MMFAST_CPU_BF16_GEMM", {"amx", "tiles", "aten", "widen", "fma"});
     bool tiles_run = false, amx_cpu = false, amx = false;
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
@@ -123,6 +131,10 @@ Bf16GemmChoice bf16_gemm_choice() {
     if (want == "widen") {
       return Bf16GemmChoice{Bf16Gemm::kWiden,
                             "float32 GEMMs on widened operands (MMFAST_CPU_BF16_GEMM=widen)"};
+    }
+    if (want == "fma") {
+      check_fma_gemm_runs("MMFAST_CPU_BF16_GEMM");
+      return Bf16GemmChoice{Bf16Gemm::kFma, "fma_gemm (MMFAST_CPU_BF16_GEMM=fma)"};
     }
     if (want == "tiles") {
       TORCH_CHECK(tiles_run, "MMFAST_CPU_BF16_GEMM=tiles: the vdpbf16ps tiles need the AVX512 "
@@ -143,6 +155,9 @@ Bf16GemmChoice bf16_gemm_choice() {
                             "vdpbf16ps tiles (avx512_bf16; AMX tile state not granted)"};
     }
     if (tiles_run) return Bf16GemmChoice{Bf16Gemm::kVnni, "vdpbf16ps tiles (avx512_bf16, no AMX)"};
+    if (active_isa() == Isa::AVX2) {
+      return Bf16GemmChoice{Bf16Gemm::kFma, "fma_gemm (the AVX2 build: AVX2 and FMA)"};
+    }
     if (!bf16_brgemm_runs()) {
       return Bf16GemmChoice{Bf16Gemm::kWiden,
                             "float32 GEMMs on widened operands (no AVX-512: ATen's bfloat16 "
@@ -153,16 +168,32 @@ Bf16GemmChoice bf16_gemm_choice() {
   return choice;
 }
 
-PathChoice f32_gemm_choice() {
-  static const PathChoice choice = [] {
-    const std::string want = path_override("MMFAST_CPU_F32_GEMM", {"onednn", "mkl"});
-    if (want == "onednn") return PathChoice{true, "oneDNN linear (MMFAST_CPU_F32_GEMM=onednn)"};
-    if (want == "mkl") return PathChoice{false, "ATen mm (MMFAST_CPU_F32_GEMM=mkl)"};
+enum class F32Gemm : int { kOnednn, kMkl, kFma };
+
+struct F32GemmChoice {
+  F32Gemm kernel;
+  const char* why;
+};
+
+F32GemmChoice f32_gemm_choice() {
+  static const F32GemmChoice choice = [] {
+    const std::string want = path_override("MMFAST_CPU_F32_GEMM", {"onednn", "mkl", "fma"});
+    if (want == "onednn") {
+      return F32GemmChoice{F32Gemm::kOnednn, "oneDNN linear (MMFAST_CPU_F32_GEMM=onednn)"};
+    }
+    if (want == "mkl") return F32GemmChoice{F32Gemm::kMkl, "ATen mm (MMFAST_CPU_F32_GEMM=mkl)"};
+    if (want == "fma") {
+      check_fma_gemm_runs("MMFAST_CPU_F32_GEMM");
+      return F32GemmChoice{F32Gemm::kFma, "fma_gemm (MMFAST_CPU_F32_GEMM=fma)"};
+    }
+    if (active_isa() == Isa::AVX2) {
+      return F32GemmChoice{F32Gemm::kFma, "fma_gemm (the AVX2 build: AVX2 and FMA)"};
+    }
 #if defined(__x86_64__) || defined(_M_X64)
     __builtin_cpu_init();
-    if (__builtin_cpu_is("intel")) return PathChoice{false, "ATen mm (MKL; Intel CPU)"};
+    if (__builtin_cpu_is("intel")) return F32GemmChoice{F32Gemm::kMkl, "ATen mm (MKL; Intel CPU)"};
 #endif
-    return PathChoice{true, "oneDNN linear (not an Intel CPU)"};
+    return F32GemmChoice{F32Gemm::kOnednn, "oneDNN linear (not an Intel CPU)"};
   }();
   return choice;
 }
@@ -185,12 +216,33 @@ PathChoice xattn_bf16_choice() {
   return choice;
 }
 
-PathChoice f16_gemm_choice() {
-  static const PathChoice choice = [] {
+enum class F16Gemm : int { kAten, kWiden, kFma };
+
+struct F16GemmChoice {
+  F16Gemm kernel;
+  const char* why;
+};
+
+F16GemmChoice f16_gemm_choice() {
+  static const F16GemmChoice choice = [] {
+    const std::string want = path_override("MMFAST_CPU_F16_GEMM", {"aten", "widen", "fma"});
+    if (want == "aten") return F16GemmChoice{F16Gemm::kAten, "ATen (MMFAST_CPU_F16_GEMM=aten)"};
+    if (want == "widen") {
+      return F16GemmChoice{F16Gemm::kWiden,
+                           "float32 GEMMs on widened operands (MMFAST_CPU_F16_GEMM=widen)"};
+    }
+    if (want == "fma") {
+      check_fma_gemm_runs("MMFAST_CPU_F16_GEMM");
+      return F16GemmChoice{F16Gemm::kFma, "fma_gemm (MMFAST_CPU_F16_GEMM=fma)"};
+    }
+    if (active_isa() == Isa::AVX2) {
+      return F16GemmChoice{F16Gemm::kFma, "fma_gemm (the AVX2 build: AVX2 and FMA)"};
+    }
     return cpu_flag(at::cpu::get_cpu_capabilities(), "avx512_fp16")
-               ? PathChoice{false, "ATen (avx512_fp16)"}
-               : PathChoice{true, "float32 GEMMs on widened operands (no avx512_fp16: ATen's "
-                                  "float16 GEMM is a scalar loop)"};
+               ? F16GemmChoice{F16Gemm::kAten, "ATen (avx512_fp16)"}
+               : F16GemmChoice{F16Gemm::kWiden, "float32 GEMMs on widened operands (no "
+                                                "avx512_fp16: ATen's float16 GEMM is a scalar "
+                                                "loop)"};
   }();
   return choice;
 }
@@ -239,7 +291,8 @@ bool bf16_brgemm_runs() {
   return runs;
 }
 
-bool f16_gemm_widened() { return f16_gemm_choice().taken; }
+bool f16_gemm_widened() { return f16_gemm_choice().kernel == F16Gemm::kWiden; }
+bool f16_gemm_fma() { return f16_gemm_choice().kernel == F16Gemm::kFma; }
 const char* f16_gemm_path() { return f16_gemm_choice().why; }
 
 MergeGemm merge_gemm() { return merge_gemm_choice().kind; }
@@ -249,9 +302,11 @@ bool bf16_tile_gemm() {
   return k == Bf16Gemm::kVnni || k == Bf16Gemm::kAmx;
 }
 bool bf16_gemm_widened() { return bf16_gemm_choice().kernel == Bf16Gemm::kWiden; }
+bool bf16_gemm_fma() { return bf16_gemm_choice().kernel == Bf16Gemm::kFma; }
 bool bf16_gemm_amx() { return bf16_gemm_choice().kernel == Bf16Gemm::kAmx; }
 const char* bf16_gemm_path() { return bf16_gemm_choice().why; }
-bool f32_gemm_onednn() { return f32_gemm_choice().taken; }
+bool f32_gemm_onednn() { return f32_gemm_choice().kernel == F32Gemm::kOnednn; }
+bool f32_gemm_fma() { return f32_gemm_choice().kernel == F32Gemm::kFma; }
 const char* f32_gemm_path() { return f32_gemm_choice().why; }
 bool xattn_bf16_brgemm() { return xattn_bf16_choice().taken; }
 const char* xattn_bf16_path() { return xattn_bf16_choice().why; }

@@ -10,30 +10,42 @@ enum class Isa : int { DEFAULT = 0, AVX2 = 1, AVX512 = 2 };
 Isa active_isa();
 const char* isa_name(Isa isa);
 
+// The projector's GEMMs run on fma_gemm (csrc/cpu/vec/fma_gemm.h: our AVX2 FMA tiles, float32
+// sums) by default in every dtype where the AVX2 build is active: a CPU with AVX2 and FMA but no
+// AVX-512 (or MMFAST_CPU_ISA=avx2). There oneDNN has no bfloat16 or float16 kernels (ATen's
+// GEMMs in those dtypes are scalar loops), and fma_gemm ran float32 GEMMs faster than MKL.
+
 // Whether bfloat16 GEMMs of the projector run on packed_gemm (our tile kernels) rather than
 // ATen's: where the AVX512 build is active and the CPU has avx512_bf16. The tile kernel is AMX's
-// where the CPU has AMX-BF16 (bf16_gemm_amx), vdpbf16ps's elsewhere (Zen 4). Without the tiles,
-// on a CPU without AVX-512 (no oneDNN bfloat16 kernels: ATen's bfloat16 GEMM is a scalar loop)
-// they are float32 GEMMs on widened copies of the operands (bf16_gemm_widened).
-// MMFAST_CPU_BF16_GEMM=amx|tiles|aten|widen (read once) forces AMX, vdpbf16ps, ATen or widening.
+// where the CPU has AMX-BF16 (bf16_gemm_amx), vdpbf16ps's elsewhere (Zen 4). Where the AVX2
+// build is active they run on fma_gemm (bf16_gemm_fma); in the generic build on a CPU without
+// AVX-512 (no oneDNN bfloat16 kernels: ATen's bfloat16 GEMM is a scalar loop) they are float32
+// GEMMs on widened copies of the operands (bf16_gemm_widened).
+// MMFAST_CPU_BF16_GEMM=amx|tiles|aten|widen|fma (read once) forces AMX, vdpbf16ps, ATen,
+// widening or fma_gemm.
 bool bf16_tile_gemm();
 bool bf16_gemm_amx();
 bool bf16_gemm_widened();
+bool bf16_gemm_fma();
 
 // Why bf16_tile_gemm() is true or false, in words (the benchmark table prints it).
 const char* bf16_gemm_path();
 
-// Whether the projector's float16 GEMMs are float32 GEMMs on widened operands: on CPUs without
-// avx512_fp16, where oneDNN has no float16 kernels and ATen's float16 GEMM is a scalar loop.
-// f16_gemm_path() says which, in words.
+// Whether the projector's float16 GEMMs run on fma_gemm (where the AVX2 build is active) or
+// are float32 GEMMs on widened operands (other CPUs without avx512_fp16, where oneDNN has no
+// float16 kernels and ATen's float16 GEMM is a scalar loop); else ATen's. f16_gemm_path() says
+// which, in words. MMFAST_CPU_F16_GEMM=aten|widen|fma (read once) forces one.
 bool f16_gemm_widened();
+bool f16_gemm_fma();
 const char* f16_gemm_path();
 
 // Whether the projector's float32 GEMMs go through oneDNN's linear rather than ATen's mm (MKL):
 // on every CPU but Intel's, where MKL's sgemm is Intel's own and oneDNN gains nothing while
 // the backward's transposes for it cost (measurements in projector.cpp). MKL's sgemm ran 9-12%
-// below oneDNN on Zen 4. MMFAST_CPU_F32_GEMM=auto|onednn|mkl (read once) overrides the rule.
+// below oneDNN on Zen 4. Where the AVX2 build is active they run on fma_gemm (f32_gemm_fma).
+// MMFAST_CPU_F32_GEMM=auto|onednn|mkl|fma (read once) overrides the rule.
 bool f32_gemm_onednn();
+bool f32_gemm_fma();
 
 // f32_gemm_onednn()'s choice and why, in words (the benchmark table prints it).
 const char* f32_gemm_path();

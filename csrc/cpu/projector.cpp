@@ -49,6 +49,7 @@
 #include "cpu/isa.h"
 #include "cpu/row_blocks.h"
 #include "cpu/vec/bias_gelu.h"
+#include "cpu/vec/fma_gemm.h"
 #include "cpu/vec/packed_gemm.h"
 #include "cpu/vec/transpose.h"
 
@@ -163,7 +164,45 @@ bool widened_gemm(const Tensor& a) {
 // result are one panel of them at a time (LLaVA-1.5-7B's w2 would be a 64 MiB copy whole).
 constexpr int64_t kWidenedPanelCols = 512;
 
-// a [M, K] @ b [K, N] (+ bias [N]) on the unfused path. Where widened_gemm (bfloat16 on CPUs
+// Whether the unfused path's GEMMs in a's dtype run on fma_gemm (isa.h).
+bool fma_path(const Tensor& a) {
+  switch (a.scalar_type()) {
+    case at::kFloat: return f32_gemm_fma();
+    case at::kBFloat16: return bf16_gemm_fma();
+    case at::kHalf: return f16_gemm_fma();
+    default: return false;
+  }
+}
+
+// fma_gemm's description of a [M, K] @ b [K, N] (any strides), epilogue kStore into out
+// [M, N] (unit column stride), plus bias [N] when defined.
+FmaGemm fma_over(const Tensor& a, const Tensor& b, const Tensor& out, const Tensor& bias) {
+  TORCH_INTERNAL_ASSERT(out.stride(1) == 1 && a.scalar_type() == b.scalar_type());
+  FmaGemm g;
+  g.m = a.size(0);
+  g.k = a.size(1);
+  g.n = b.size(1);
+  g.dtype = a.scalar_type();
+  g.a = a.const_data_ptr();
+  g.a_rs = a.stride(0);
+  g.a_cs = a.stride(1);
+  g.b = b.const_data_ptr();
+  g.b_rs = b.stride(0);
+  g.b_cs = b.stride(1);
+  g.bias = bias.defined() ? bias.const_data_ptr() : nullptr;
+  g.out = out.mutable_data_ptr();
+  g.ldo = out.stride(0);
+  return g;
+}
+
+// g with its packed panel of B on huge pages from 8 MiB on (one [512 x 4096] float32 panel)
+void run_fma_gemm(FmaGemm g) {
+  const auto panel = empty_huge_paged({fma_panel_numel(g)}, at::TensorOptions(at::kFloat));
+  g.panel = panel.mutable_data_ptr<float>();
+  MMFAST_PICK_ISA(fma_gemm)(g);
+}
+
+// a [M, K] @ b [K, N] (+ bias [N]) on the unfused path. Where fma_path, on fma_gemm. Where widened_gemm (bfloat16 on CPUs
 // without AVX-512, float16 without avx512_fp16: there ATen's GEMMs in these dtypes are scalar
 // loops, 0.4-16 GFLOP/s on a Zen 3 against 20-60 in float32), float32 GEMMs on float32 copies
 // of the operands, rounded once: the products and float32 sums of a GEMM that accumulates in
@@ -171,6 +210,11 @@ constexpr int64_t kWidenedPanelCols = 512;
 // kWidenedPanelCols columns at a time.
 Tensor gemm(const Tensor& a, const Tensor& b, const std::optional<Tensor>& bias = std::nullopt) {
   const bool has_bias = bias.has_value() && bias->defined();
+  if (fma_path(a)) {
+    auto out = at::empty({a.size(0), b.size(1)}, a.options());
+    run_fma_gemm(fma_over(a, b, out, contiguous_bias(bias)));
+    return out;
+  }
   if (!widened_gemm(a)) return has_bias ? at::addmm(*bias, a, b) : at::mm(a, b);
   const auto a32 = a.to(at::kFloat);
   auto out = at::empty({a.size(0), b.size(1)}, a.options());
@@ -417,6 +461,17 @@ Tensor forward_packed(const Tensor& x2, const Tensor& w1, const std::optional<Te
 std::pair<Tensor, Tensor> first_layer(const Tensor& x2, const Tensor& w1,
                                       const std::optional<Tensor>& b1, bool tanh_form,
                                       bool keep_h = true) {
+  if (fma_path(x2)) {  // the bias and GELU in the GEMM's epilogue
+    auto act = at::empty({x2.size(0), w1.size(0)}, x2.options());
+    Tensor h = keep_h ? at::empty_like(act) : Tensor();
+    auto g = fma_over(x2, w1.t(), act, contiguous_bias(b1));
+    g.epilogue = FmaEpilogue::kBiasGelu;
+    g.out2 = keep_h ? h.mutable_data_ptr() : nullptr;
+    g.ldo2 = keep_h ? h.stride(0) : 0;
+    g.tanh_form = tanh_form;
+    run_fma_gemm(g);
+    return {act, h};
+  }
   // h = x2 w1^T + b1 in one oneDNN call where it applies; else the pass adds b1.
   auto h = onednn_linear(x2, w1, b1);
   const bool bias_added = h.defined();
@@ -809,10 +864,27 @@ std::array<Tensor, 6> backward_rows(const Tensor& g, const Tensor& x2, const Ten
     return backward_rows_onednn(g, x2, h2, w1, w2, tanh_form, mask, link);
   }
   Tensor act = mask[3] ? at::empty_like(h2) : Tensor();
-  // [N, H] = g w2, turned into grad_h in place
-  Tensor grad_h = need_grad_h ? gemm(g, w2) : Tensor();
+  Tensor grad_h;  // [N, H] = g w2, turned into grad_h
+  const bool fused = need_grad_h && fma_path(g) && rows > 0 && cols > 0;
+  if (fused) {  // grad_h, act and b1's partial sums in the GEMM's epilogue
+    grad_h = at::empty_like(h2);
+    Tensor partial = bias_partials(h2, fma_row_tiles(rows), mask[2]);
+    auto f = fma_over(g, w2, grad_h, Tensor());
+    f.epilogue = FmaEpilogue::kGeluGrad;
+    TORCH_INTERNAL_ASSERT(h2.stride(1) == 1);
+    f.h = h2.const_data_ptr();
+    f.ldh = h2.stride(0);
+    f.out2 = act.defined() ? act.mutable_data_ptr() : nullptr;
+    f.ldo2 = act.defined() ? act.stride(0) : 0;
+    f.bias_grad = mask[2] ? partial.mutable_data_ptr<float>() : nullptr;
+    f.tanh_form = tanh_form;
+    run_fma_gemm(f);
+    if (mask[2]) grads[2] = partial.sum(0).to(h2.scalar_type());
+  } else if (need_grad_h) {
+    grad_h = gemm(g, w2);
+  }
   Tensor grad_t;  // with link: grad_h^T in link_gradient_buffer's layout
-  if (mask[3] || need_grad_h) {
+  if (!fused && (mask[3] || need_grad_h)) {
     const int64_t block = bias_block_rows(rows, cols, kBiasBlocks);
     const int64_t nblocks = ceil_div(rows, block);
     Tensor partial = bias_partials(h2, nblocks, mask[2]);
@@ -1038,6 +1110,12 @@ std::tuple<Tensor, Tensor> projector_splice_cpu(const Tensor& x, const Tensor& w
     return {out, keep_h ? h : at::empty({0}, x.options())};
   }
   auto [act, h] = first_layer(x, w1, b1, tanh_form, keep_h);
+  if (fma_path(x) && x.size(0) > 0) {  // the second GEMM's rows written to their placeholders
+    auto g = fma_over(act, w2.t(), out2, contiguous_bias(b2));
+    g.out_rows = rows.data();
+    run_fma_gemm(g);
+    return {out, keep_h ? h : at::empty({0}, x.options())};
+  }
   if (x.scalar_type() == at::kFloat && x.size(0) > 0) {
     second_layer_by_columns(out2, act, w2, b2, rows);
     return {out, keep_h ? h : at::empty({0}, x.options())};

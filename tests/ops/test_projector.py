@@ -65,18 +65,25 @@ def _amx_can_run():
 def test_cpu_bf16_gemm_follows_cpu_flags():
     """The projector's bfloat16 GEMMs run on mmfast's tiles in the AVX512 build on a CPU with
     avx512_bf16: AMX tiles where the CPU has AMX-BF16, vdpbf16ps tiles elsewhere; without
-    avx512_bf16 they go through ATen on AVX-512 CPUs and are float32 GEMMs on widened operands
-    on the others. MMFAST_CPU_BF16_GEMM=amx|tiles|aten|widen overrides the rule where the
-    kernel can run."""
+    avx512_bf16 they run on fma_gemm where the AVX2 build is active, else go through ATen on
+    AVX-512 CPUs and are float32 GEMMs on widened operands on the others.
+    MMFAST_CPU_BF16_GEMM=amx|tiles|aten|widen|fma overrides the rule where the kernel can
+    run."""
     forced = os.environ.get("MMFAST_CPU_BF16_GEMM", "auto")
     if forced == "aten":
         expected = "ATen (MMFAST_CPU_BF16_GEMM=aten)"
     elif forced == "widen":
         expected = "float32 GEMMs on widened operands (MMFAST_CPU_BF16_GEMM=widen)"
+    elif forced == "fma":
+        expected = "fma_gemm (MMFAST_CPU_BF16_GEMM=fma)"
     elif not _tiles_can_run():
-        expected = ("ATen (no avx512_bf16 in the active build)" if cpu_has_avx512() else
-                    "float32 GEMMs on widened operands (no AVX-512: ATen's bfloat16 GEMM is a "
-                    "scalar loop)")
+        if mmfast.cpu_isa() == "avx2":
+            expected = "fma_gemm (the AVX2 build: AVX2 and FMA)"
+        elif cpu_has_avx512():
+            expected = "ATen (no avx512_bf16 in the active build)"
+        else:
+            expected = ("float32 GEMMs on widened operands (no AVX-512: ATen's bfloat16 GEMM is "
+                        "a scalar loop)")
     elif forced == "tiles":
         expected = "vdpbf16ps tiles (MMFAST_CPU_BF16_GEMM=tiles)"
     elif forced == "amx":
@@ -91,9 +98,19 @@ def test_cpu_bf16_gemm_follows_cpu_flags():
 
 
 def test_cpu_f16_gemm_follows_avx512_fp16():
-    """float16 GEMMs go through ATen where the CPU has avx512_fp16 (oneDNN's float16 kernels),
-    else they are float32 GEMMs on widened operands."""
-    if torch.cpu.get_capabilities().get("avx512_fp16", False):
+    """float16 GEMMs run on fma_gemm where the AVX2 build is active, else go through ATen
+    where the CPU has avx512_fp16 (oneDNN's float16 kernels), else they are float32 GEMMs on
+    widened operands. MMFAST_CPU_F16_GEMM=aten|widen|fma overrides."""
+    forced = os.environ.get("MMFAST_CPU_F16_GEMM", "auto")
+    if forced == "aten":
+        expected = "ATen (MMFAST_CPU_F16_GEMM=aten)"
+    elif forced == "widen":
+        expected = "float32 GEMMs on widened operands (MMFAST_CPU_F16_GEMM=widen)"
+    elif forced == "fma":
+        expected = "fma_gemm (MMFAST_CPU_F16_GEMM=fma)"
+    elif mmfast.cpu_isa() == "avx2":
+        expected = "fma_gemm (the AVX2 build: AVX2 and FMA)"
+    elif torch.cpu.get_capabilities().get("avx512_fp16", False):
         expected = "ATen (avx512_fp16)"
     else:
         expected = ("float32 GEMMs on widened operands (no avx512_fp16: ATen's float16 GEMM is "
@@ -159,6 +176,7 @@ def test_bfloat16_gemm_over_many_panels():
 
 @pytest.mark.parametrize("variable,query", [("MMFAST_CPU_BF16_GEMM", "cpu_bf16_gemm"),
                                             ("MMFAST_CPU_F32_GEMM", "cpu_f32_gemm"),
+                                            ("MMFAST_CPU_F16_GEMM", "cpu_f16_gemm"),
                                             ("MMFAST_CPU_XATTN_BF16", "cpu_xattn_bf16"),
                                             ("MMFAST_CPU_MERGE_GEMM", "cpu_merge_gemm")])
 def test_bad_gemm_choice_is_a_clear_error(variable, query):
@@ -168,12 +186,12 @@ def test_bad_gemm_choice_is_a_clear_error(variable, query):
     assert out.returncode != 0 and variable in out.stderr, out.stderr[-2000:]
 
 
-@pytest.mark.parametrize("path", ["aten", "widen"])
+@pytest.mark.parametrize("path", ["aten", "widen", "fma"])
 def test_bfloat16_without_packed_gemm(path):
     """Without the tile GEMMs (forced by MMFAST_CPU_BF16_GEMM, in the AVX2 build, whose
     elementwise passes then run), bfloat16 GEMMs go through ATen (oneDNN's bfloat16 kernels on
-    AVX-512 CPUs) or float32 GEMMs on widened operands (the default without AVX-512, where
-    ATen's are scalar loops): projector and splice still match, forward and backward."""
+    AVX-512 CPUs), float32 GEMMs on widened operands, or fma_gemm (the AVX2 build's default):
+    projector and splice still match, forward and backward."""
     if path == "aten" and not cpu_has_avx512():
         pytest.skip("ATen's bfloat16 GEMMs are scalar loops without AVX-512 (minutes here)")
     tests = ["tests/ops/test_projector.py::test_cpu_bf16_gemm_follows_cpu_flags",
@@ -331,8 +349,9 @@ def test_float32_transposing_backward_each_isa(isa):
 
 
 def test_cpu_f32_gemm_follows_cpu_vendor():
-    """float32 GEMMs go through oneDNN's linear except on Intel CPUs, where ATen's mm (MKL) is
-    as fast; MMFAST_CPU_F32_GEMM=onednn|mkl overrides."""
+    """float32 GEMMs run on fma_gemm where the AVX2 build is active, else go through oneDNN's
+    linear except on Intel CPUs, where ATen's mm (MKL) is as fast;
+    MMFAST_CPU_F32_GEMM=onednn|mkl|fma overrides."""
     forced = os.environ.get("MMFAST_CPU_F32_GEMM", "auto")
     intel = None
     if sys.platform == "linux":
@@ -342,6 +361,10 @@ def test_cpu_f32_gemm_follows_cpu_vendor():
         expected = "oneDNN linear (MMFAST_CPU_F32_GEMM=onednn)"
     elif forced == "mkl":
         expected = "ATen mm (MMFAST_CPU_F32_GEMM=mkl)"
+    elif forced == "fma":
+        expected = "fma_gemm (MMFAST_CPU_F32_GEMM=fma)"
+    elif mmfast.cpu_isa() == "avx2":
+        expected = "fma_gemm (the AVX2 build: AVX2 and FMA)"
     elif intel is None:
         pytest.skip("CPU vendor read from /proc/cpuinfo")
     else:
@@ -349,11 +372,18 @@ def test_cpu_f32_gemm_follows_cpu_vendor():
     assert mmfast.cpu_f32_gemm() == expected
 
 
-def test_float32_on_the_other_gemm_path():
-    """The float32 GEMM path this CPU does not take by default (oneDNN with the transposing
-    backward on Intel, MKL elsewhere), forced by MMFAST_CPU_F32_GEMM: forward, backward and
-    splice still match."""
-    other = "mkl" if mmfast.cpu_f32_gemm().startswith("oneDNN") else "onednn"
+_F32_PATH_PREFIX = {"onednn": "oneDNN", "mkl": "ATen mm", "fma": "fma_gemm"}
+
+
+@pytest.mark.parametrize("path", sorted(_F32_PATH_PREFIX))
+def test_float32_on_the_other_gemm_paths(path):
+    """Each float32 GEMM path this CPU does not take by default (oneDNN with the transposing
+    backward, MKL, fma_gemm), forced by MMFAST_CPU_F32_GEMM: forward, backward and splice
+    still match."""
+    if mmfast.cpu_f32_gemm().startswith(_F32_PATH_PREFIX[path]):
+        pytest.skip(f"{path} is this CPU's default: the whole suite runs it")
+    if path == "fma" and mmfast.cpu_isa() == "default":
+        pytest.skip("fma_gemm needs the AVX2 or AVX512 build")
     tests = ["tests/ops/test_projector.py::test_cpu_f32_gemm_follows_cpu_vendor",
              "tests/ops/test_projector.py::test_float32_transposing_backward",
              "tests/ops/test_projector.py::test_matches_reference_on_samples[dtype0]",
@@ -361,7 +391,23 @@ def test_float32_on_the_other_gemm_path():
              "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype0]",
              "tests/ops/test_projector.py::test_two_node_backward[False-dtype0]",
              "tests/ops/test_projector.py::test_two_node_backward[True-dtype0]"]
-    assert_pytest_passes(tests, 11, MMFAST_CPU_F32_GEMM=other)
+    assert_pytest_passes(tests, 11, MMFAST_CPU_F32_GEMM=path)
+
+
+@pytest.mark.parametrize("path", ["widen", "fma"])
+def test_float16_on_the_other_gemm_paths(path):
+    """The float16 GEMM paths this CPU does not take by default, forced by
+    MMFAST_CPU_F16_GEMM (ATen's where it has no float16 kernels is a scalar loop: not run)."""
+    if mmfast.cpu_f16_gemm().startswith({"widen": "float32 GEMMs", "fma": "fma_gemm"}[path]):
+        pytest.skip(f"{path} is this CPU's default: the whole suite runs it")
+    if path == "fma" and mmfast.cpu_isa() == "default":
+        pytest.skip("fma_gemm needs the AVX2 or AVX512 build")
+    tests = ["tests/ops/test_projector.py::test_cpu_f16_gemm_follows_avx512_fp16",
+             "tests/ops/test_projector.py::test_matches_reference_on_samples[dtype1]",
+             "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype1]",
+             "tests/ops/test_projector.py::test_two_node_backward[True-dtype1]",
+             "tests/ops/test_projector_splice.py::test_matches_masked_scatter_on_samples[dtype1]"]
+    assert_pytest_passes(tests, None, MMFAST_CPU_F16_GEMM=path)
 
 
 # Every combination of frozen / trained inputs (x, w1, b1, w2, b2).
