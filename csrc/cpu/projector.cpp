@@ -202,9 +202,10 @@ void run_fma_gemm(FmaGemm g) {
   MMFAST_PICK_ISA(fma_gemm)(g);
 }
 
-// a [M, K] @ b [K, N] (+ bias [N]) on the unfused path. Where fma_path, on fma_gemm. Where widened_gemm (bfloat16 on CPUs
-// without AVX-512, float16 without avx512_fp16: there ATen's GEMMs in these dtypes are scalar
-// loops, 0.4-16 GFLOP/s on a Zen 3 against 20-60 in float32), float32 GEMMs on float32 copies
+// a [M, K] @ b [K, N] (+ bias [N]) on the unfused path. Where fma_path, on fma_gemm. Where
+// widened_gemm (float16 on AVX-512 CPUs without avx512_fp16, bfloat16 in the generic build on
+// CPUs without AVX-512 or when forced: there ATen's GEMMs in these dtypes are scalar loops,
+// 0.4-16 GFLOP/s on a Zen 3 against 20-60 in float32), float32 GEMMs on float32 copies
 // of the operands, rounded once: the products and float32 sums of a GEMM that accumulates in
 // float32, at float32 GEMM speed. a is widened whole, b and the result a panel of
 // kWidenedPanelCols columns at a time.

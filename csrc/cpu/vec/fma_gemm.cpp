@@ -147,7 +147,9 @@ void widen_block(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t col
         store_transposed_8x8(v, dst + r0 * ld_dst + c0, ld_dst);
       }
       for (int64_t r = r0; r < r0 + 8; ++r) {
-        for (int64_t c = c0; c < cols; ++c) dst[r * ld_dst + c] = static_cast<float>(src[r + c * cs]);
+        for (int64_t c = c0; c < cols; ++c) {
+          dst[r * ld_dst + c] = static_cast<float>(src[r + c * cs]);
+        }
       }
     }
   }

@@ -5,10 +5,11 @@
 //
 // Why our own there: ATen's bfloat16 and float16 GEMMs are scalar loops on such a CPU
 // (0.4-16 GFLOP/s on a Zen 3), and widening whole operands to float32 for MKL costs memory
-// (a float32 copy of A: 72 MiB at LLaVA-1.5-7B). In float32, MKL's sgemm ran the projector's
-// GEMMs at 97-118 GFLOP/s on the Zen 3's 2 threads, and this kernel at 116-131 (a timing
-// script; the suite's figures are in the README). Its 6 x 16 register tile runs at the FMA
-// peak (94 GFLOP/s per core there) when its operands are in L1.
+// (a float32 copy of A: 72 MiB at LLaVA-1.5-7B). In float32 it ran the projector's GEMMs at
+// 110-132 GFLOP/s on the Zen 3's 2 threads against eager's MKL at 97-114 in a full suite run;
+// in a faster phase of that shared VM MKL ran 8-10% ahead of it at LLaVA-1.5-13B's shapes
+// (~174 against ~161: NOTES). Its 6 x 16 register tile runs at the FMA peak (94 GFLOP/s per
+// core there) when its operands are in L1.
 #pragma once
 
 #include <c10/core/ScalarType.h>
