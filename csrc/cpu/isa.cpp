@@ -60,6 +60,13 @@ struct PathChoice {
   const char* why;
 };
 
+// A choice among several kernels, and why, in words.
+template <typename Kernel>
+struct KernelChoice {
+  Kernel kernel;
+  const char* why;
+};
+
 // The value of the environment variable `variable` overriding a path choice: "auto" when unset
 // or empty, else one of `choices` (a clear error otherwise).
 std::string path_override(const char* variable, std::initializer_list<const char*> choices) {
@@ -102,10 +109,7 @@ void check_fma_gemm_runs(const char* variable) {
               "AVX2 or AVX512 build active (MMFAST_CPU_ISA: ", isa_name(active_isa()), ")");
 }
 
-struct Bf16GemmChoice {
-  Bf16Gemm kernel;
-  const char* why;
-};
+using Bf16GemmChoice = KernelChoice<Bf16Gemm>;
 
 // The projector's bfloat16 GEMMs: packed_gemm on AMX tiles where the CPU has AMX-BF16, on
 // vdpbf16ps tiles where it has avx512_bf16 only; fma_gemm where the AVX2 build is active; else
@@ -170,10 +174,7 @@ Bf16GemmChoice bf16_gemm_choice() {
 
 enum class F32Gemm : int { kOnednn, kMkl, kFma };
 
-struct F32GemmChoice {
-  F32Gemm kernel;
-  const char* why;
-};
+using F32GemmChoice = KernelChoice<F32Gemm>;
 
 F32GemmChoice f32_gemm_choice() {
   static const F32GemmChoice choice = [] {
@@ -218,10 +219,7 @@ PathChoice xattn_bf16_choice() {
 
 enum class F16Gemm : int { kAten, kWiden, kFma };
 
-struct F16GemmChoice {
-  F16Gemm kernel;
-  const char* why;
-};
+using F16GemmChoice = KernelChoice<F16Gemm>;
 
 F16GemmChoice f16_gemm_choice() {
   static const F16GemmChoice choice = [] {
@@ -247,10 +245,7 @@ F16GemmChoice f16_gemm_choice() {
   return choice;
 }
 
-struct MergeGemmChoice {
-  MergeGemm kind;
-  const char* why;
-};
+using MergeGemmChoice = KernelChoice<MergeGemm>;
 
 MergeGemmChoice merge_gemm_choice() {
   static const MergeGemmChoice choice = [] {
@@ -295,7 +290,7 @@ bool f16_gemm_widened() { return f16_gemm_choice().kernel == F16Gemm::kWiden; }
 bool f16_gemm_fma() { return f16_gemm_choice().kernel == F16Gemm::kFma; }
 const char* f16_gemm_path() { return f16_gemm_choice().why; }
 
-MergeGemm merge_gemm() { return merge_gemm_choice().kind; }
+MergeGemm merge_gemm() { return merge_gemm_choice().kernel; }
 const char* merge_gemm_path() { return merge_gemm_choice().why; }
 bool bf16_tile_gemm() {
   const Bf16Gemm k = bf16_gemm_choice().kernel;

@@ -375,15 +375,21 @@ def test_cpu_f32_gemm_follows_cpu_vendor():
 _F32_PATH_PREFIX = {"onednn": "oneDNN", "mkl": "ATen mm", "fma": "fma_gemm"}
 
 
+def _skip_unless_another_path(default: str, prefix: str, path: str):
+    """Skips a forced-path test where `path` (its choice string starting with `prefix`) is this
+    CPU's default (`default`), which the whole suite runs, or where fma_gemm has no build."""
+    if default.startswith(prefix):
+        pytest.skip(f"{path} is this CPU's default: the whole suite runs it")
+    if path == "fma" and mmfast.cpu_isa() == "default":
+        pytest.skip("fma_gemm needs the AVX2 or AVX512 build")
+
+
 @pytest.mark.parametrize("path", sorted(_F32_PATH_PREFIX))
 def test_float32_on_the_other_gemm_paths(path):
     """Each float32 GEMM path this CPU does not take by default (oneDNN with the transposing
     backward, MKL, fma_gemm), forced by MMFAST_CPU_F32_GEMM: forward, backward and splice
     still match."""
-    if mmfast.cpu_f32_gemm().startswith(_F32_PATH_PREFIX[path]):
-        pytest.skip(f"{path} is this CPU's default: the whole suite runs it")
-    if path == "fma" and mmfast.cpu_isa() == "default":
-        pytest.skip("fma_gemm needs the AVX2 or AVX512 build")
+    _skip_unless_another_path(mmfast.cpu_f32_gemm(), _F32_PATH_PREFIX[path], path)
     tests = ["tests/ops/test_projector.py::test_cpu_f32_gemm_follows_cpu_vendor",
              "tests/ops/test_projector.py::test_float32_transposing_backward",
              "tests/ops/test_projector.py::test_matches_reference_on_samples[dtype0]",
@@ -398,10 +404,8 @@ def test_float32_on_the_other_gemm_paths(path):
 def test_float16_on_the_other_gemm_paths(path):
     """The float16 GEMM paths this CPU does not take by default, forced by
     MMFAST_CPU_F16_GEMM (ATen's where it has no float16 kernels is a scalar loop: not run)."""
-    if mmfast.cpu_f16_gemm().startswith({"widen": "float32 GEMMs", "fma": "fma_gemm"}[path]):
-        pytest.skip(f"{path} is this CPU's default: the whole suite runs it")
-    if path == "fma" and mmfast.cpu_isa() == "default":
-        pytest.skip("fma_gemm needs the AVX2 or AVX512 build")
+    _skip_unless_another_path(mmfast.cpu_f16_gemm(),
+                              {"widen": "float32 GEMMs", "fma": "fma_gemm"}[path], path)
     tests = ["tests/ops/test_projector.py::test_cpu_f16_gemm_follows_avx512_fp16",
              "tests/ops/test_projector.py::test_matches_reference_on_samples[dtype1]",
              "tests/ops/test_projector.py::test_odd_llava_sizes[577-tanh-False-dtype1]",

@@ -161,24 +161,19 @@ void widen_block(const T* src, int64_t rs, int64_t cs, int64_t rows, int64_t col
 }
 
 // Strip s of the panel (columns [16 s, 16 s + 16) from column j0 of B) as float32
-// [K][16], zeros past N. B rows as rows (unit column stride): two loads per k; B given
-// transposed (unit row stride, a weight as stored): 8 x 8 blocks transposed in registers.
+// [K][16], zeros past N: a [K, 16] block of B widened (widen_block: two loads per k for B's
+// rows as rows; 8 x 8 register transposes for B given transposed, a weight as stored).
 template <typename T>
 void pack_strip(const FmaGemm& g, int64_t j0, int64_t s, float* dst) {
-  const T* b = static_cast<const T*>(g.b);
   const int64_t n0 = j0 + s * kStripCols;
   const int64_t cols = std::min(kStripCols, g.n - n0);
+  widen_block(static_cast<const T*>(g.b) + n0 * g.b_cs, g.b_rs, g.b_cs, g.k, cols, dst,
+              kStripCols);
   if (cols < kStripCols) {
     for (int64_t p = 0; p < g.k; ++p) {
-      float* d = dst + p * kStripCols;
-      for (int64_t c = 0; c < kStripCols; ++c) {
-        d[c] = c < cols ? static_cast<float>(b[p * g.b_rs + (n0 + c) * g.b_cs]) : 0.0f;
-      }
+      std::fill(dst + p * kStripCols + cols, dst + (p + 1) * kStripCols, 0.0f);
     }
-    return;
   }
-  // dst as a [K, 16] matrix of B's columns n0.. n0 + 15: a block of B
-  widen_block(b + n0 * g.b_cs, g.b_rs, g.b_cs, g.k, kStripCols, dst, kStripCols);
 }
 
 template <typename T>
@@ -261,12 +256,8 @@ void run_item(const FmaGemm& g, const float* panel, int64_t j0, int64_t i0, int6
 template <typename T>
 void run(const FmaGemm& g) {
   const int64_t threads = at::get_num_threads();
-  AlignedArray<float> own_panel;
+  TORCH_INTERNAL_ASSERT(g.panel != nullptr, "fma_gemm: no scratch for the packed panel");
   float* panel = g.panel;
-  if (panel == nullptr) {
-    own_panel = aligned_array<float>(fma_panel_numel(g));
-    panel = own_panel.get();
-  }
   const int64_t row_items = fma_row_tiles(g.m);
   struct ThreadBuffers {
     AlignedArray<float> a, acc;  // [kItemRows][kKc], [kItemRows][kItemCols]

@@ -57,8 +57,8 @@ struct FmaGemm {
   int64_t ldh = 0;
   float* bias_grad = nullptr;  // [fma_row_tiles(m), N] zeros, or null (kGeluGrad)
   bool tanh_form = false;
-  // fma_panel_numel(*this) floats on a cache line, or null (then allocated per call): the
-  // caller's may sit on huge pages (huge_pages.h)
+  // scratch of fma_panel_numel(*this) floats on a cache line (the caller's: it may sit on
+  // huge pages, huge_pages.h)
   float* panel = nullptr;
 };
 
